@@ -1,0 +1,73 @@
+"""Atomic writes and safe checkpoint loads.
+
+Every file edgekd writes goes to a temporary name in the same folder, is flushed and fsynced,
+and is renamed into place, so a killed process never leaves a half-written file that looks
+finished. Checkpoints are loaded with ``weights_only=True``: a pickle payload is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from edgekd.errors import EdgekdError
+
+FORMAT = "edgekd-checkpoint"
+VERSION = 1
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load an edgekd checkpoint with ``weights_only=True``; one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgekdError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            why = "it holds pickled objects, not just weights, and is refused for safety"
+        else:
+            why = f"it is corrupt or not a PyTorch file ({first})"
+        raise EdgekdError(f"checkpoint {path}: cannot load, {why}; use a checkpoint written by edgekd") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
+        raise EdgekdError(f"checkpoint {path}: not an edgekd checkpoint (no edgekd header); use one written by edgekd distill")
+    return ckpt

@@ -1,0 +1,327 @@
+"""``distill(recipe, out_dir) -> DistillResult``: train (or load) the teacher, distil the
+student, and write checkpoints, ``metrics.json``, ``log.csv`` and plots into ``out_dir``.
+
+Each epoch ends with an atomic ``<role>_last.pt`` (everything needed to resume) and, when
+validation top-1 improves, ``<role>_best.pt`` (weights + recipe + classes + normalisation).
+A run killed at any moment resumes from its last finished epoch with ``resume=True``; batch
+order, augmentation and dropout are seeded by ``(seed, role, epoch)``, so the resumed run
+follows the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+import yaml
+
+from edgekd import __version__
+from edgekd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
+from edgekd.data import DataBundle, load_dataset
+from edgekd.distill.distiller import Distiller
+from edgekd.distill.methods import METHODS, TERMS, get_method
+from edgekd.errors import EdgekdError
+from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
+from edgekd.recipe import Recipe
+from edgekd.train import evaluate, make_optimizer, make_scheduler, predict, train_one_epoch
+
+log = logging.getLogger(__name__)
+METRICS_SCHEMA = "edgekd.metrics/1"
+_RESUME_IGNORED = {("train", "device")}
+
+
+class Progress(Protocol):
+    """What the trainer reports while it runs; the CLI draws it, tests may ignore it."""
+
+    def start(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def end_epoch(self, role: str, row: dict[str, float]) -> None: ...
+
+
+class _NoProgress:
+    def start(self, label: str, total: int) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def end_epoch(self, role: str, row: dict[str, float]) -> None: ...
+
+
+@dataclass
+class DistillResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    teacher_checkpoint: Path | None
+    student_checkpoint: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def student_top1(self) -> float:
+        return self.metrics["student"]["test_top1"]
+
+    @property
+    def teacher_top1(self) -> float | None:
+        return self.metrics["teacher"]["test_top1"] if self.metrics["teacher"] else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EdgekdError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class _Ctx:
+    recipe: Recipe
+    data: DataBundle
+    device: torch.device
+    run_dir: Path
+    resume: bool
+    progress: Progress
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def eval_kwargs(self) -> dict[str, Any]:
+        return dict(mean=self.mean, std=self.std, batch_size=self.recipe.train.eval_batch_size, device=self.device)
+
+
+def _model_meta(ctx: _Ctx, role: str, arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "role": role, "arch": arch, "model_kwargs": kwargs, "num_classes": ctx.data.num_classes,
+        "in_channels": ctx.data.channels, "image_size": ctx.data.image_size,
+        "class_names": ctx.data.class_names, "mean": ctx.data.mean, "std": ctx.data.std,
+        "recipe": ctx.recipe.model_dump(), "edgekd_version": __version__,
+    }
+
+
+def build_from_checkpoint(ckpt: dict[str, Any], path: Path | str) -> nn.Module:
+    """A model rebuilt from an edgekd checkpoint's metadata, with its weights loaded."""
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
+                            **ckpt.get("model_kwargs", {}))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:120]
+        raise EdgekdError(f"checkpoint {path}: weights do not fit its architecture ({first})") from None
+    return model
+
+
+def _recipe_diff(a: dict, b: dict, prefix: tuple = ()) -> tuple[str, Any, Any] | None:
+    for k in sorted(set(a) | set(b)):
+        key = prefix + (k,)
+        if key in _RESUME_IGNORED:
+            continue
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _recipe_diff(va, vb, key)
+            if d:
+                return d
+        elif va != vb:
+            return ".".join(key), va, vb
+    return None
+
+
+def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[str, Any],
+         make_distiller: Callable[[nn.Module], Distiller], epochs: int, lr: float) -> list[dict[str, float]]:
+    """Train ``model`` in place for ``epochs``; leaves the best-validation weights loaded."""
+    cfg = ctx.recipe.train
+    distiller = make_distiller(model).to(ctx.device)
+    opt = make_optimizer(distiller.trainable_parameters(), cfg, lr)
+    steps = max(1, len(ctx.data.train) // cfg.batch_size) if len(ctx.data.train) >= cfg.batch_size else 1
+    sched = make_scheduler(opt, cfg, lr, epochs * steps)
+    last_path, best_path = ctx.run_dir / f"{role}_last.pt", ctx.run_dir / f"{role}_best.pt"
+    history: list[dict[str, float]] = []
+    best_val, start = -math.inf, 0
+    if ctx.resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        diff = _recipe_diff(state["recipe"], ctx.recipe.model_dump())
+        if diff:
+            raise EdgekdError(f"{ctx.run_dir} was started with another recipe (key '{diff[0]}': {diff[1]!r} -> "
+                              f"{diff[2]!r}); resume with the same recipe or pick a new --out")
+        model.load_state_dict(state["state_dict"])
+        if distiller.regressors is not None:
+            distiller.regressors.load_state_dict(state["regressors"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
+        log.info("%s: resuming after epoch %d of %d", role, start, epochs)
+    meta = _model_meta(ctx, role, arch, model_kwargs)
+    role_seed = ctx.recipe.seed * 1000 + (0 if role == "teacher" else 500)
+    for epoch in range(start, epochs):
+        ctx.progress.start(f"{role} {epoch + 1}/{epochs}", len(ctx.data.train))
+        row: dict[str, float] = {"epoch": epoch + 1}
+        row.update(train_one_epoch(
+            distiller, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
+            batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, on_batch=ctx.progress.advance,
+        ))
+        row["val_top1"] = evaluate(model, ctx.data.val, **ctx.eval_kwargs())["top1"]
+        row["test_top1"] = evaluate(model, ctx.data.test, **ctx.eval_kwargs())["top1"]
+        history.append(row)
+        val = row["val_top1"] if not math.isnan(row["val_top1"]) else float(epoch)  # no val: keep the last
+        if val > best_val:
+            best_val = val
+            save_checkpoint(best_path, {**meta, "state_dict": model.state_dict(), "epoch": epoch + 1,
+                                        "val_top1": row["val_top1"]})
+        save_checkpoint(last_path, {
+            **meta, "state_dict": model.state_dict(), "epoch": epoch + 1, "history": history,
+            "best_val": best_val, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "regressors": distiller.regressors.state_dict() if distiller.regressors is not None else {},
+        })
+        log.info("%s epoch %d: %s", role, epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        ctx.progress.end_epoch(role, row)
+        _write_log(ctx.run_dir, role, history)
+    distiller.remove_taps()
+    model.load_state_dict(load_checkpoint(best_path)["state_dict"])
+    return history
+
+
+_LOG_COLUMNS = ["role", "epoch", "loss", *[f"loss_{t}" for t in TERMS], "train_top1", "val_top1", "test_top1",
+                "img_per_s", "wall_s", "lr"]
+
+
+def _write_log(run_dir: Path, role: str, history: list[dict[str, float]]) -> None:
+    """Rewrite log.csv from the histories of both roles (atomic, so always complete)."""
+    path = run_dir / "log.csv"
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["role"] != role]
+    rows += [{"role": role, **h} for h in history]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_LOG_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def _teacher(ctx: _Ctx, needs_teacher: bool) -> tuple[nn.Module | None, list[dict[str, float]], str]:
+    tcfg, data = ctx.recipe.teacher, ctx.data
+    if tcfg.checkpoint:
+        ckpt = load_checkpoint(tcfg.checkpoint)
+        if ckpt.get("arch") != tcfg.arch:
+            raise EdgekdError(f"teacher checkpoint {tcfg.checkpoint} is a {ckpt.get('arch')}, the recipe says "
+                              f"teacher.arch: {tcfg.arch}; set teacher.arch to match")
+        if list(ckpt.get("class_names", [])) != data.class_names:
+            raise EdgekdError(
+                f"teacher checkpoint {tcfg.checkpoint} was trained on {len(ckpt.get('class_names', []))} other "
+                f"classes than this data's {data.num_classes}; train a teacher on this dataset (unset teacher.checkpoint)")
+        if (ckpt.get("in_channels"), ckpt.get("image_size")) != (data.channels, data.image_size):
+            raise EdgekdError(
+                f"teacher checkpoint {tcfg.checkpoint} takes {ckpt.get('in_channels')}x{ckpt.get('image_size')}px "
+                f"input, the recipe gives {data.channels}x{data.image_size}px; set data.image_size to match")
+        return build_from_checkpoint(ckpt, tcfg.checkpoint).to(ctx.device), [], f"checkpoint:{tcfg.checkpoint}"
+    if tcfg.epochs == 0 and not tcfg.pretrained:
+        if needs_teacher:
+            raise EdgekdError("the method needs a teacher: set teacher.epochs > 0 or teacher.checkpoint")
+        return None, [], "none"
+    kwargs = {"width": tcfg.width, "pretrained": tcfg.pretrained}
+    torch.manual_seed(ctx.recipe.seed)
+    model = build_model(tcfg.arch, data.num_classes, data.channels, data.image_size, **kwargs).to(ctx.device)
+    kwargs["pretrained"] = False  # the checkpoint holds the weights; rebuilding must not download
+    if tcfg.epochs == 0:  # an ImageNet teacher used as it is
+        save_checkpoint(ctx.run_dir / "teacher_best.pt", {**_model_meta(ctx, "teacher", tcfg.arch, kwargs),
+                                                          "state_dict": model.state_dict(), "epoch": 0})
+        return model, [], "trained"
+    ce = METHODS["ce"]
+    hist = _fit(ctx, "teacher", model, tcfg.arch, kwargs,
+                lambda m: Distiller(m, ce, ctx.recipe.distill, label_smoothing=ctx.recipe.train.label_smoothing),
+                tcfg.epochs, tcfg.lr or ctx.recipe.train.lr)
+    return model, hist, "trained"
+
+
+def _per_class(pred: torch.Tensor, labels: torch.Tensor, names: list[str]) -> tuple[dict[str, float], list[list[int]]]:
+    k = len(names)
+    cm = torch.bincount(labels * k + pred, minlength=k * k).view(k, k)
+    per = {n: (100.0 * cm[i, i].item() / cm[i].sum().item()) if cm[i].sum() else float("nan")
+           for i, n in enumerate(names)}
+    return per, cm.tolist()
+
+
+def _final_eval(ctx: _Ctx, model: nn.Module) -> tuple[dict[str, Any], torch.Tensor]:
+    kw = ctx.eval_kwargs()
+    logits, labels = predict(model, ctx.data.test, **kw)
+    pred = logits.argmax(1)
+    shifted_logits, _ = predict(model, ctx.data.test, shift_canvas=ctx.recipe.data.shifted_canvas,
+                                shift_seed=ctx.recipe.seed, **kw)
+    per, cm = _per_class(pred, labels, ctx.data.class_names)
+    return {
+        "test_top1": 100.0 * (pred == labels).float().mean().item(),
+        "val_top1": evaluate(model, ctx.data.val, **kw)["top1"],
+        "shifted_top1": 100.0 * (shifted_logits.argmax(1) == labels).float().mean().item(),
+        "per_class_top1": per,
+        "confusion_matrix": cm,
+    }, pred
+
+
+def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
+            progress: Progress | None = None) -> DistillResult:
+    """Run the distil stage of ``recipe`` into ``out_dir`` (see the module docstring)."""
+    run_dir = Path(out_dir)
+    started = [p.name for p in (run_dir / "teacher_last.pt", run_dir / "student_last.pt", run_dir / "metrics.json")
+               if p.exists()]
+    if started and not resume:
+        raise EdgekdError(f"{run_dir} already holds a run ({', '.join(started)}); pass --resume to continue it "
+                          "or choose another --out")
+    method = get_method(recipe.distill.method)
+    device = resolve_device(recipe.train.device)
+    t_start = time.perf_counter()
+    data = load_dataset(recipe.data, recipe.seed)
+    if device.type == "cuda":
+        data = data.to(device)  # small data sets live on the GPU; batches are index slices
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    ctx = _Ctx(recipe, data, device, run_dir, resume, progress or _NoProgress(),
+               torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device))
+
+    teacher, t_hist, t_source = _teacher(ctx, method.needs_teacher)
+
+    scfg = recipe.student
+    s_kwargs = {"width_mult": scfg.width_mult}
+    torch.manual_seed(recipe.seed + 1)
+    student = build_model(scfg.arch, data.num_classes, data.channels, data.image_size, **s_kwargs).to(device)
+    pairs = []
+    if teacher is not None:
+        t_shapes = stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher), data.channels, data.image_size)
+        s_shapes = stage_shapes(student, tap_candidates(scfg.arch, student), data.channels, data.image_size)
+        pairs = pair_stages(t_shapes, s_shapes)
+    s_hist = _fit(ctx, "student", student, scfg.arch, s_kwargs,
+                  lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
+                                      label_smoothing=recipe.train.label_smoothing),
+                  scfg.epochs, recipe.train.lr)
+
+    s_eval, s_pred = _final_eval(ctx, student)
+    t_section = None
+    agreement = None
+    if teacher is not None:
+        t_eval, t_pred = _final_eval(ctx, teacher)
+        agreement = 100.0 * (t_pred == s_pred).float().mean().item()
+        t_section = {"arch": recipe.teacher.arch, "params": count_params(teacher), "source": t_source,
+                     "checkpoint": "teacher_best.pt" if t_source == "trained" else recipe.teacher.checkpoint,
+                     **t_eval, "epochs": t_hist}
+    metrics = {
+        "schema": METRICS_SCHEMA,
+        "edgekd_version": __version__,
+        "recipe": recipe.model_dump(),
+        "device": str(device),
+        "dataset": data.describe(),
+        "method": method.name,
+        "stage_pairs": [p.as_dict() for p in pairs],
+        "teacher": t_section,
+        "student": {"arch": scfg.arch, "params": count_params(student), "method": method.name,
+                    "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist},
+        "agreement_top1": agreement,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    from edgekd import report
+
+    files = report.write_plots(run_dir, metrics, teacher, student, pairs, ctx)
+    write_json(run_dir / "metrics.json", metrics)
+    return DistillResult(run_dir, metrics, run_dir / "teacher_best.pt" if t_source == "trained" else None,
+                         run_dir / "student_best.pt", [run_dir / "metrics.json", run_dir / "log.csv", *files])

@@ -1,0 +1,121 @@
+"""PNG plots of a distil run: training curves, confusion matrix, teacher-vs-student attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from edgekd.checkpoint import atomic_path
+from edgekd.distill.losses import attention_map, match_spatial
+from edgekd.models import FeatureTaps, StagePair
+
+if TYPE_CHECKING:
+    from edgekd.distill.stage import _Ctx
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curves(metrics: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for role, style in (("teacher", "--"), ("student", "-")):
+        section = metrics.get(role) or {}
+        hist = section.get("epochs") or []
+        if not hist:
+            continue
+        ep = [h["epoch"] for h in hist]
+        ax_loss.plot(ep, [h["loss"] for h in hist], style, label=f"{role} loss")
+        for key in ("train_top1", "val_top1", "test_top1"):
+            ax_acc.plot(ep, [h[key] for h in hist], style, marker=".", label=f"{role} {key[:-5]}")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    m = torch.tensor(cm, dtype=torch.float32)
+    norm = m / m.sum(1, keepdim=True).clamp_min(1)
+    k = len(names)
+    size = min(4 + 0.45 * k, 24)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+        for i in range(k):
+            for j in range(k):
+                if m[i, j] > 0:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+@torch.no_grad()
+def plot_attention(teacher: nn.Module, student: nn.Module, pairs: list[StagePair], images_u8: torch.Tensor,
+                   x: torch.Tensor, path: Path) -> Path:
+    """Rows: test images; columns: the image, then teacher and student attention maps per pair."""
+    import matplotlib.pyplot as plt
+
+    t_taps = FeatureTaps(teacher, [p.teacher for p in pairs])
+    s_taps = FeatureTaps(student, [p.student for p in pairs])
+    teacher.eval()
+    student.eval()
+    teacher(x)
+    student(x)
+    maps = []
+    for ft, fs in zip(t_taps.features, s_taps.features):
+        ft, fs = match_spatial(ft.float(), fs.float())
+        h, w = ft.shape[-2:]
+        maps.append((attention_map(ft).view(-1, h, w).cpu().numpy(), attention_map(fs).view(-1, h, w).cpu().numpy()))
+    t_taps.remove()
+    s_taps.remove()
+    n, cols = len(x), 1 + 2 * len(pairs)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    for i in range(n):
+        img = images_u8[i].cpu()
+        img = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
+        axes[i, 0].imshow(img, cmap="gray")
+        for j, (pair, (mt, ms)) in enumerate(zip(pairs, maps)):
+            axes[i, 1 + 2 * j].imshow(mt[i], cmap="inferno")
+            axes[i, 2 + 2 * j].imshow(ms[i], cmap="inferno")
+            if i == 0:
+                axes[i, 1 + 2 * j].set_title(f"T {pair.teacher}", fontsize=7)
+                axes[i, 2 + 2 * j].set_title(f"S {pair.student}", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def write_plots(run_dir: Path, metrics: dict[str, Any], teacher: nn.Module | None, student: nn.Module,
+                pairs: list[StagePair], ctx: "_Ctx") -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from edgekd.train import prepare_batch
+
+    files = [plot_curves(metrics, run_dir / "curves.png"),
+             plot_confusion(metrics["student"]["confusion_matrix"], ctx.data.class_names,
+                            run_dir / "confusion.png", f"student ({metrics['method']}) on the test set")]
+    if teacher is not None and pairs:
+        images, _ = next(iter(ctx.data.test.batches(6, ctx.device)))
+        x = prepare_batch(images, ctx.mean, ctx.std)
+        files.append(plot_attention(teacher, student, pairs, images, x, run_dir / "attention.png"))
+    return files

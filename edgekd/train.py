@@ -1,0 +1,116 @@
+"""The training loop: one epoch of training and one evaluation, each returning a metric dict.
+
+Checkpoints, logs and progress bars live in the caller (``edgekd.distill.stage``).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgekd.data import Split
+from edgekd.data.augment import augment_batch, shift_batch
+from edgekd.distill.distiller import Distiller
+from edgekd.distill.methods import TERMS
+from edgekd.recipe import AugmentConfig, TrainConfig
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, lr: float, total_steps: int):
+    total_steps = max(1, total_steps)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on CPU (bf16 convolutions are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def prepare_batch(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  aug: AugmentConfig | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    x = x_uint8.float().div_(255.0)
+    if aug is not None:
+        x = augment_batch(x, aug, generator)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.Optimizer, scheduler,
+                    *, mean: torch.Tensor, std: torch.Tensor, aug: AugmentConfig, batch_size: int,
+                    device: torch.device, seed: int,
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``."""
+    distiller.train()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    sums = {t: torch.zeros((), device=device) for t in TERMS}
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    t0 = time.perf_counter()
+    for x_u8, y in split.batches(batch_size, device, seed=seed):
+        x = prepare_batch(x_u8, mean, std, aug, gen)
+        with autocast(device):
+            logits, terms = distiller(x, y)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = len(y)
+        for k, v in terms.items():
+            sums[k] += v.detach().float() * n
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += n
+        if on_batch is not None:
+            on_batch(n)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    seen = max(seen, 1)
+    out = {f"loss_{k}": float(v) / seen for k, v in sums.items()}
+    out["loss"] = sum(out[f"loss_{k}"] for k in TERMS)
+    out.update(train_top1=100.0 * float(correct) / seen, img_per_s=seen / wall, wall_s=wall,
+               lr=optimizer.param_groups[0]["lr"])
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, *, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
+            device: torch.device, shift_canvas: float | None = None, shift_seed: int = 0,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels (on the CPU) for every image of ``split``, in order. With
+    ``shift_canvas`` the images are first moved by ``shift_batch`` (seeded, reproducible)."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(shift_seed)
+    all_logits, all_labels = [], []
+    for x_u8, y in split.batches(batch_size, device):
+        if shift_canvas:
+            x_u8 = shift_batch(x_u8, shift_canvas, gen)
+        with autocast(device):
+            logits = model(prepare_batch(x_u8, mean, std))
+        all_logits.append(logits.float().cpu())
+        all_labels.append(y.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: nn.Module, split: Split, **kwargs: object) -> dict[str, float]:
+    """Top-1 (percent) and mean cross-entropy of ``model`` on ``split``."""
+    if len(split) == 0:
+        return {"top1": float("nan"), "loss": float("nan")}
+    logits, labels = predict(model, split, **kwargs)  # type: ignore[arg-type]
+    return {"top1": 100.0 * (logits.argmax(1) == labels).float().mean().item(),
+            "loss": F.cross_entropy(logits, labels).item()}

@@ -1,0 +1,164 @@
+"""The distil stage end to end on real Fashion-MNIST: every method, the run directory, resume
+after SIGKILL, and the errors a user meets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgekd.checkpoint import load_checkpoint
+from edgekd.cli import app
+
+from conftest import write_recipe
+
+EXPECTED_TERMS = {
+    "ce": {"ce"},
+    "kd": {"ce", "kd"},
+    "at": {"ce", "at"},
+    "atkd": {"ce", "kd", "at"},
+    "atkd-sa": {"ce", "kd", "at"},
+    "fitnet": {"ce", "fitnet"},
+}
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("method", list(EXPECTED_TERMS))
+def test_every_method_trains_from_the_cli(tmp_path, tiny_teacher, method):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    out = tmp_path / "run"
+    result = _cli("distill", recipe, "--method", method, "--teacher", tiny_teacher, "--out", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "student" in result.output and "test top-1" in result.output
+    m = json.loads((out / "metrics.json").read_text())
+    epoch = m["student"]["epochs"][0]
+    nonzero = {t for t in ("ce", "kd", "at", "fitnet") if epoch[f"loss_{t}"] != 0.0}
+    assert nonzero == EXPECTED_TERMS[method]
+    assert m["method"] == method and m["teacher"]["source"].startswith("checkpoint:")
+    assert 0.0 <= m["student"]["test_top1"] <= 100.0
+
+
+def test_run_directory_and_metrics_schema(tiny_teacher):
+    run = tiny_teacher.parent
+    for name in ("teacher_best.pt", "teacher_last.pt", "student_best.pt", "student_last.pt", "metrics.json",
+                 "log.csv", "recipe.yaml", "curves.png", "confusion.png", "attention.png"):
+        assert (run / name).is_file(), name
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["schema"] == "edgekd.metrics/1"
+    for role in ("teacher", "student"):
+        s = m[role]
+        assert set(s) >= {"arch", "params", "test_top1", "val_top1", "shifted_top1", "per_class_top1",
+                          "confusion_matrix", "epochs"}
+        assert sum(map(sum, s["confusion_matrix"])) == m["dataset"]["n_test"] == 200
+        row = s["epochs"][-1]
+        assert set(row) >= {"epoch", "loss", "loss_ce", "loss_kd", "loss_at", "loss_fitnet", "train_top1",
+                            "val_top1", "test_top1", "img_per_s", "wall_s"}
+    assert len(m["teacher"]["epochs"]) == 2
+    assert m["teacher"]["test_top1"] > 30.0  # trained on real images for 2 epochs: far above chance (10 %)
+    assert 0 <= m["agreement_top1"] <= 100
+    assert [p["teacher"] for p in m["stage_pairs"]] == ["layer1", "layer2", "layer3", "layer4"]
+    assert all(p["teacher_shape"][1:] == p["student_shape"][1:] for p in m["stage_pairs"])
+    ck = load_checkpoint(run / "student_best.pt")
+    assert ck["class_names"][0] == "T-shirt/top" and len(ck["mean"]) == 1 and ck["recipe"]["name"] == "tiny"
+    lines = (run / "log.csv").read_text().splitlines()
+    assert lines[0].startswith("role,epoch,loss") and len(lines) == 1 + 2 + 1
+
+
+def _train_cmd(recipe, out, *extra):
+    return [sys.executable, "-m", "edgekd.cli", "distill", str(recipe), "--out", str(out), *extra]
+
+
+def test_sigkill_during_epoch_2_then_resume_matches_uninterrupted(tmp_path, tiny_teacher):
+    recipe = write_recipe(tmp_path / "r.yaml", data={"train_subset": 1200, "val_fraction": 0.1},
+                          student={"epochs": 3}, train={"batch_size": 30})
+    common = ["--teacher", str(tiny_teacher)]
+    subprocess.run(_train_cmd(recipe, tmp_path / "full", *common), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(recipe, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (killed / "student_last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(killed / "student_last.pt")["epoch"] == 1
+    assert not (killed / "metrics.json").exists()
+
+    # Without --resume the started run is refused, and nothing is touched.
+    before = (killed / "student_last.pt").stat().st_mtime_ns
+    r = subprocess.run(_train_cmd(recipe, killed, *common), capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (killed / "student_last.pt").stat().st_mtime_ns == before
+
+    subprocess.run(_train_cmd(recipe, killed, *common, "--resume"), check=True, capture_output=True)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((killed / "metrics.json").read_text())
+    assert len(resumed["student"]["epochs"]) == 3
+    assert abs(full["student"]["test_top1"] - resumed["student"]["test_top1"]) <= 0.5
+
+
+def test_missing_data_is_one_line_exit_2(tmp_path):
+    r = _cli("distill", write_recipe(tmp_path / "r.yaml"), "--data", tmp_path / "none", "--out", tmp_path / "o")
+    assert r.exit_code == 2
+    assert "apt-get install dataset-fashion-mnist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_teacher_with_other_classes_is_refused(tmp_path, tiny_teacher):
+    ck = load_checkpoint(tiny_teacher)
+    ck["class_names"] = [f"c{i}" for i in range(100)]
+    other = tmp_path / "other.pt"
+    torch.save(ck, other)
+    r = _cli("distill", write_recipe(tmp_path / "r.yaml"), "--teacher", other, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "other classes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_teacher_of_another_architecture_is_refused(tmp_path, tiny_teacher):
+    recipe = write_recipe(tmp_path / "r.yaml", teacher={"arch": "resnet34"})
+    r = _cli("distill", recipe, "--teacher", tiny_teacher, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "resnet18" in r.stderr and "teacher.arch" in r.stderr
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(os.urandom(2048))
+    r = _cli("distill", write_recipe(tmp_path / "r.yaml"), "--teacher", bad, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "corrupt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EDGEKD_TEST_MARK', '/tmp/edgekd-mark')}",))
+
+
+def test_pickle_payload_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("EDGEKD_TEST_MARK", str(mark))
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "edgekd-checkpoint", "state_dict": {}, "x": _Payload()}, evil)
+    r = _cli("distill", write_recipe(tmp_path / "r.yaml"), "--teacher", evil, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "refused" in r.stderr
+    assert not mark.exists()
+
+
+def test_method_that_needs_a_teacher_without_one(tmp_path):
+    r = _cli("distill", write_recipe(tmp_path / "r.yaml", teacher={"epochs": 0}), "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "needs a teacher" in r.stderr
+
+
+def test_student_alone_runs_without_teacher(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", teacher={"epochs": 0}, distill={"method": "ce"})
+    r = _cli("distill", recipe, "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.stderr
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["teacher"] is None and m["agreement_top1"] is None and m["student"]["test_top1"] > 0
