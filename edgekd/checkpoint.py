@@ -39,9 +39,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf (e.g. top-1 of an empty validation split) become null: strict JSON has no NaN."""
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:

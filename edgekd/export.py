@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from edgekd import __version__
 from edgekd.checkpoint import atomic_path, load_checkpoint, write_json
-from edgekd.data import load_dataset
+from edgekd.data import gather, load_dataset
 from edgekd.distill.stage import build_from_checkpoint
 from edgekd.errors import EdgekdError
 from edgekd.recipe import recipe_from_dict
@@ -181,13 +181,13 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = FORMATS, int8: boo
     recipe = recipe_from_dict(ckpts["student"]["recipe"])
     data = load_dataset(recipe.data, recipe.seed)
     mean, std = torch.tensor(ckpts["student"]["mean"]), torch.tensor(ckpts["student"]["std"])
-    test_x = prepare_batch(data.test.x, mean, std).numpy()
-    test_y = data.test.y.numpy()
+    test_u8, test_labels = gather(data.test)
+    test_x, test_y = prepare_batch(test_u8, mean, std).numpy(), test_labels.numpy()
     if int8:
-        if len(data.train) == 0:
+        calib_u8, _ = gather(data.train, calib, seed=0)
+        if len(calib_u8) == 0:
             raise EdgekdError(f"{run_dir}: no training images to calibrate int8 with; check the recipe's data section")
-        calib_x = prepare_batch(data.train.x[torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))
-                                             [:calib]], mean, std)
+        calib_x = prepare_batch(calib_u8, mean, std)
     out_dir = run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, dict[str, Any]] = {}

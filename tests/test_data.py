@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgekd.data import load_dataset
+from edgekd.data import TensorSplit, gather, load_dataset
 from edgekd.data.augment import augment_batch, shift_batch
 from edgekd.data.sources import FASHION_MNIST_CLASSES, load_cifar, read_idx
 from edgekd.errors import EdgekdError
@@ -151,3 +151,12 @@ def test_shifted_images_are_smaller_and_moved():
     mass = s.float().sum(dim=(1, 2, 3))
     assert torch.all(mass < x.float().sum(dim=(1, 2, 3)) * 0.3)  # a quarter of the area
     assert len({tuple(torch.nonzero(s[i, 0] > 128).float().mean(0).round().tolist()) for i in range(8)}) > 1
+
+
+def test_gather_takes_the_first_images_in_order_or_shuffled():
+    split = TensorSplit((torch.arange(600) % 256).to(torch.uint8).view(600, 1, 1, 1), torch.arange(600))
+    x, y = gather(split, 300)
+    assert torch.equal(y, torch.arange(300))
+    xs, ys = gather(split, 300, seed=0)
+    assert len(ys) == 300 and not torch.equal(ys, torch.arange(300)) and len(set(ys.tolist())) == 300
+    assert gather(TensorSplit(torch.zeros(0, 1, 2, 2, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)))[0].numel() == 0

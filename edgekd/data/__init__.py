@@ -120,6 +120,20 @@ class DataBundle:
         }
 
 
+def gather(split: Split, limit: int | None = None, seed: int | None = None) -> Batch:
+    """The first ``limit`` images of ``split`` (shuffled by ``seed`` when given) as CPU tensors."""
+    xs, ys, n = [], [], 0
+    for x, y in split.batches(256, torch.device("cpu"), seed=seed):
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if limit is not None and n >= limit:
+            break
+    if not xs:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.cat(xs)[:limit], torch.cat(ys)[:limit]
+
+
 def _seeded_take(n: int, k: int | None, seed: int) -> torch.Tensor:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm if k is None else perm[: min(k, n)]

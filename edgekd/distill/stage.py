@@ -132,6 +132,8 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
          make_distiller: Callable[[nn.Module], Distiller], epochs: int, lr: float) -> list[dict[str, float]]:
     """Train ``model`` in place for ``epochs``; leaves the best-validation weights loaded."""
     cfg = ctx.recipe.train
+    if ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # with bf16, the fast layout for cuDNN convolutions
     distiller = make_distiller(model).to(ctx.device)
     opt = make_optimizer(distiller.trainable_parameters(), cfg, lr)
     steps = max(1, len(ctx.data.train) // cfg.batch_size) if len(ctx.data.train) >= cfg.batch_size else 1
