@@ -200,15 +200,15 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = FORMATS, int8: boo
             reference = model(torch.from_numpy(test_x[:parity_images].copy())).numpy()
         jobs: list[tuple[str, str, Callable[[Path], None], Callable[[Path], Callable]]] = []
         if "onnx" in formats:
-            jobs.append((f"{role}.onnx", "onnx", lambda p: export_onnx(model, sample, p), onnx_runner))
+            jobs.append((f"{role}.onnx", "onnx", lambda p, m=model, x=sample: export_onnx(m, x, p), onnx_runner))
             if dynamic_batch:
-                jobs.append((f"{role}_dynamic.onnx", "onnx", lambda p: export_onnx(model, sample, p, True), onnx_runner))
+                jobs.append((f"{role}_dynamic.onnx", "onnx", lambda p, m=model, x=sample: export_onnx(m, x, p, True), onnx_runner))
         if "tflite" in formats:
-            jobs.append((f"{role}_fp32.tflite", "tflite_fp32", lambda p: export_tflite_fp32(model, sample, p),
+            jobs.append((f"{role}_fp32.tflite", "tflite_fp32", lambda p, m=model, x=sample: export_tflite_fp32(m, x, p),
                          tflite_runner))
             if int8 and role == "student":
                 jobs.append((f"{role}_int8.tflite", "tflite_int8",
-                             lambda p: export_tflite_int8(model, sample, calib_x, p), tflite_runner))
+                             lambda p, m=model, x=sample: export_tflite_int8(m, x, calib_x, p), tflite_runner))
         quant: dict[str, Any] = {}
         for name, fmt, convert, runtime in jobs:
             path = out_dir / name

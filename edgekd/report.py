@@ -81,7 +81,7 @@ def plot_attention(teacher: nn.Module, student: nn.Module, pairs: list[StagePair
     teacher(x)
     student(x)
     maps = []
-    for ft, fs in zip(t_taps.features, s_taps.features):
+    for ft, fs in zip(t_taps.features, s_taps.features, strict=True):
         ft, fs = match_spatial(ft.float(), fs.float())
         h, w = ft.shape[-2:]
         maps.append((attention_map(ft).view(-1, h, w).cpu().numpy(), attention_map(fs).view(-1, h, w).cpu().numpy()))
@@ -93,7 +93,7 @@ def plot_attention(teacher: nn.Module, student: nn.Module, pairs: list[StagePair
         img = images_u8[i].cpu()
         img = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
         axes[i, 0].imshow(img, cmap="gray")
-        for j, (pair, (mt, ms)) in enumerate(zip(pairs, maps)):
+        for j, (pair, (mt, ms)) in enumerate(zip(pairs, maps, strict=True)):
             axes[i, 1 + 2 * j].imshow(mt[i], cmap="inferno")
             axes[i, 2 + 2 * j].imshow(ms[i], cmap="inferno")
             if i == 0:

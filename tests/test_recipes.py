@@ -1,7 +1,5 @@
 """Every shipped recipe loads; bad recipes fail with one line naming the key and the file."""
 
-from pathlib import Path
-
 import pytest
 from typer.testing import CliRunner
 

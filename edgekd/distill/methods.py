@@ -61,7 +61,7 @@ def atkd_sa_method(s, t, y, cfg, ls, reg):  # noqa: ANN001
 
 
 def fitnet_method(s, t, y, cfg, ls, reg):  # noqa: ANN001
-    regressed = [r(f) for r, f in zip(reg, s.features)]
+    regressed = [r(f) for r, f in zip(reg, s.features, strict=True)]
     return {"ce": cfg.w_ce * _ce(s, y, ls), "fitnet": cfg.fitnet_weight * hint_loss(t.features, regressed)}
 
 

@@ -150,7 +150,7 @@ def stage_shapes(model: nn.Module, names: list[str], in_channels: int, image_siz
     model.eval()
     dev = next(model.parameters()).device
     model(torch.zeros(1, in_channels, image_size, image_size, device=dev))
-    shapes = {n: tuple(f.shape[1:]) for n, f in zip(names, taps.features)}
+    shapes = {n: tuple(f.shape[1:]) for n, f in zip(names, taps.features, strict=True)}
     taps.remove()
     model.train(was_training)
     return shapes
