@@ -130,7 +130,6 @@ def distill(
     console.print(f"run directory: {result.run_dir}  (metrics.json, log.csv, *_best.pt, *.png)")
 
 
-
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a run directory written by 'edgekd distill'"),
@@ -162,6 +161,7 @@ def export(
     if result.int8_drop_exceeded:
         raise _fail(EdgekdError(f"int8 student loses {result.int8_drop:.2f} pt top-1 against fp32, more than "
                                 f"--max-int8-drop {max_int8_drop}"), 1)
+
 
 if __name__ == "__main__":
     app()
