@@ -133,24 +133,28 @@ def distill(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a run directory written by 'edgekd distill'"),
-    formats: str = typer.Option("onnx,tflite", help="comma-separated: onnx, tflite"),
+    formats: str = typer.Option("onnx,tflite", help="comma-separated: onnx, tflite (fp32), fp16, dynamic"),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="also write the full-integer int8 student TFLite"),
     calib: int = typer.Option(500, help="training images to calibrate int8 with"),
     max_int8_drop: float = typer.Option(1.0, help="exit 1 when int8 loses more top-1 points than this vs fp32"),
     dynamic_batch: bool = typer.Option(False, help="also write ONNX files with a dynamic batch axis"),
+    converter: str = typer.Option("onnx2tf", help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
+                                  "litert-torch (no TensorFlow, NCHW input)"),
 ) -> None:
-    """Write ONNX and TFLite (fp32, int8) artifacts into RUN_DIR/export and score each on the test set."""
+    """Write ONNX and TFLite (fp32, int8, ...) artifacts into RUN_DIR/export and score each on the test set."""
     from edgekd.export import export as run_export
 
     try:
         with console.status("exporting and scoring artifacts..."):
             result = run_export(run_dir, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
-                                int8=int8, calib=calib, max_int8_drop=max_int8_drop, dynamic_batch=dynamic_batch)
+                                int8=int8, calib=calib, max_int8_drop=max_int8_drop, dynamic_batch=dynamic_batch,
+                                converter=converter)
     except EdgekdError as e:
         raise _fail(e) from None
     table = Table(title=f"edgekd export: {result.export_dir}")
-    for col in ("artifact", "size KB", "convert s", "max |dlogit|", "agree %", "test top-1 %"):
-        table.add_column(col, justify="left" if col == "artifact" else "right")
+    table.add_column("artifact", no_wrap=True, min_width=22)
+    for col in ("size KB", "convert s", "max |dlogit|", "agree %", "test top-1 %"):
+        table.add_column(col, justify="right")
     for name, a in result.report["artifacts"].items():
         p = a["parity"]
         table.add_row(name, f"{a['size_bytes'] / 1024:,.0f}", f"{a['convert_s']:.1f}", f"{p['max_abs_logit_diff']:.2e}",

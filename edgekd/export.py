@@ -1,18 +1,31 @@
 """``export(run_dir) -> ExportResult``: ONNX and TFLite (fp32, full-integer int8) artifacts of a
 distil run, each checked against PyTorch and scored on the test set in its own runtime.
 
-Converters: ``torch.onnx`` (TorchScript exporter, opset 17) checked in onnxruntime, and
-``litert-torch`` for TFLite (no TensorFlow). int8 uses PT2E static quantisation (per-channel
-int8 weights, int8 activations, int8 input and output) calibrated on real training images
-with the recipe's normalisation. Nothing here touches the network.
+Converters: ``torch.onnx`` (TorchScript exporter, opset 17) checked in onnxruntime; for TFLite
+``litert-torch`` by default (no TensorFlow; int8 by PT2E static quantisation: per-channel int8
+weights, int8 activations, int8 input and output, calibrated on real training images with the
+recipe's normalisation), or ``onnx2tf`` (TensorFlow's converter, NHWC input) with
+``converter="onnx2tf"``. fp16 and dynamic-range files come from the fp32 file through
+``ai-edge-quantizer``. Nothing here touches the network: onnx2tf is handed its calibration data.
+
+Before conversion, BatchNorm channels that never vary on the training data are made exact
+constants (``zero_dead_channels``): their folded weights are huge (gamma / sqrt(eps)), which
+makes the per-channel int8 bias scale so coarse that the constant is rounded away.
 
 Every file is written to a temporary name and renamed into place when complete.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +45,9 @@ from edgekd.train import prepare_batch
 
 log = logging.getLogger(__name__)
 EXPORT_SCHEMA = "edgekd.export/1"
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "fp16", "dynamic")
+CONVERTERS = ("onnx2tf", "litert-torch")
+TFLITE_VARIANTS = {"tflite": "fp32", "fp16": "fp16", "dynamic": "dynamic"}
 ONNX_MAX_ABS_DIFF, ONNX_MIN_AGREEMENT = 1e-3, 99.9
 
 
@@ -74,9 +89,10 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
 
     def run(x: np.ndarray) -> np.ndarray:
+        nhwc = _is_nhwc(inp["shape"], x.shape[1])
         rows = []
         for i in range(len(x)):
-            xi = x[i : i + 1]
+            xi = x[i : i + 1].transpose(0, 2, 3, 1) if nhwc else x[i : i + 1]
             if inp["dtype"] != np.float32:
                 scale, zero = inp["quantization"]
                 info = np.iinfo(inp["dtype"])
@@ -93,6 +109,10 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def _is_nhwc(shape: Any, channels: int) -> bool:
+    return len(shape) == 4 and int(shape[1]) != channels and int(shape[3]) == channels
+
+
 def tflite_io_details(path: Path) -> dict[str, Any]:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -101,12 +121,40 @@ def tflite_io_details(path: Path) -> dict[str, Any]:
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     dtypes = sorted({np.dtype(t["dtype"]).name for t in it.get_tensor_details()})
     q = lambda d: {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}  # noqa: E731
+    shape = [int(s) for s in inp["shape"]]
     return {"input_dtype": np.dtype(inp["dtype"]).name, "output_dtype": np.dtype(out["dtype"]).name,
-            "input_shape": [int(s) for s in inp["shape"]], "input_quantization": q(inp),
+            "input_shape": shape, "layout": "NHWC" if shape[-1] < shape[1] else "NCHW", "input_quantization": q(inp),
             "output_quantization": q(out), "tensor_dtypes": dtypes}
 
 
 # --- converters ---
+
+def zero_dead_channels(model: nn.Module, rel_var: float = 1e-6) -> int:
+    """Make Conv→BatchNorm channels whose input never varied exact constants; returns how many.
+
+    A channel whose pre-BN output was constant in training (running_var ≪ eps, e.g. fed only by
+    dead ReLU6 units) outputs ``beta`` whatever its weights, but BN folding scales its weights by
+    gamma/sqrt(eps) (~300×). Per-channel int8 then gives it a huge weight scale, the int32 bias
+    (scale = input scale × weight scale) rounds ``beta`` to 0, and the error spreads through the
+    network (measured: 86.7 % → 50 % top-1). Zeroing the weights and the running mean keeps the
+    output ``beta`` and lets the bias be quantised finely. In place.
+    """
+    zeroed = 0
+    for parent in model.modules():
+        children = list(parent.children())
+        for conv, bn in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None):
+                continue
+            dead = bn.running_var < rel_var * bn.eps
+            if dead.any():
+                with torch.no_grad():
+                    conv.weight[dead] = 0
+                    if conv.bias is not None:
+                        conv.bias[dead] = 0
+                    bn.running_mean[dead] = 0
+                zeroed += int(dead.sum())
+    return zeroed
+
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
     with atomic_path(path) as tmp:
@@ -150,6 +198,63 @@ def export_tflite_int8(model: nn.Module, sample: torch.Tensor, calib: torch.Tens
         edge.export(str(tmp))
 
 
+def quantize_weights(fp32_path: Path, path: Path, kind: str) -> None:
+    """fp16 weights (``kind="fp16"``) or dynamic-range int8 weights (``"dynamic"``) from an fp32
+    TFLite file, with ai-edge-quantizer; activations stay float, so no calibration is needed."""
+    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    qt = quantizer.Quantizer(str(fp32_path))
+    if kind == "dynamic":
+        qt.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    else:
+        qt.load_quantization_recipe([{
+            "regex": ".*", "operation": "*", "algorithm_key": AlgorithmName.FLOAT_CASTING,
+            "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
+                          "compute_precision": "FLOAT", "explicit_dequantize": True}}])
+    result = qt.quantize()
+    with atomic_path(path) as tmp:
+        result.export_model(str(tmp), overwrite=True)
+
+
+def convert_onnx2tf(onnx_path: Path, out_dir: Path, calib: torch.Tensor | None, mean: list[float],
+                    std: list[float]) -> dict[str, Path]:
+    """TFLite files from an ONNX file with onnx2tf (TensorFlow), run as a subprocess.
+
+    With ``calib`` (normalised NCHW images) it also writes full-integer int8 (per-channel,
+    int8 input and output), calibrated on those images: they are handed over as an NHWC .npy in
+    [0, 1] with the mean/std, so onnx2tf never downloads its sample images. Returns the
+    variant → file map (fp32, fp16, and with calibration dynamic and int8); inputs are NHWC.
+    """
+    beside = Path(sys.executable).with_name("onnx2tf")  # the venv's own, before any on PATH
+    exe = str(beside) if beside.is_file() else shutil.which("onnx2tf")
+    if exe is None:
+        raise EdgekdError("converter onnx2tf needs the 'onnx2tf' command: pip install 'edgekd[export]'")
+    out_dir = out_dir.resolve()
+    src = out_dir / "onnx2tf" / onnx_path.name  # onnx2tf may rewrite its input; keep ours as exported
+    src.parent.mkdir()
+    shutil.copyfile(onnx_path, src)
+    cmd = [exe, "-i", str(src), "-o", str(out_dir), "-n"]
+    if calib is not None:
+        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        unit = (calib * s + m).permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32)  # NHWC in [0, 1]
+        np.save(out_dir / "calib.npy", unit)
+        cmd += ["-oiqt", "-qt", "per-channel", "-iqd", "int8", "-oqd", "int8", "-cind", "input",
+                str(out_dir / "calib.npy"), str([[[mean]]]), str([[[std]]])]
+    proc = subprocess.run(cmd, cwd=out_dir, capture_output=True, text=True, check=False,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    stem = onnx_path.stem
+    files = {"fp32": f"{stem}_float32.tflite", "fp16": f"{stem}_float16.tflite"}
+    if calib is not None:
+        files |= {"dynamic": f"{stem}_dynamic_range_quant.tflite", "int8": f"{stem}_full_integer_quant.tflite"}
+    found = {k: out_dir / v for k, v in files.items() if (out_dir / v).is_file()}
+    if proc.returncode != 0 or len(found) != len(files):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", proc.stderr + proc.stdout)  # drop terminal colours
+        lines = [ln for ln in text.splitlines() if "error" in ln.lower()] or ["no output"]
+        raise EdgekdError(f"onnx2tf failed on {onnx_path.name} (exit {proc.returncode}): {lines[-1].strip()[:200]}")
+    return found
+
+
 def _parity(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """Agreement of an artifact's logits with PyTorch's on the same (first) test images."""
     got = got[: len(reference)]
@@ -157,88 +262,89 @@ def _parity(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "top1_agreement": 100.0 * float((got.argmax(1) == reference.argmax(1)).mean())}
 
 
-def export(run_dir: str | Path, *, formats: tuple[str, ...] = FORMATS, int8: bool = True, calib: int = 500,
-           max_int8_drop: float = 1.0, dynamic_batch: bool = False, parity_images: int = 256) -> ExportResult:
-    """Export the student (and the teacher, when the run trained one) of ``run_dir``."""
+def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite"), int8: bool = True,
+           calib: int = 500, max_int8_drop: float = 1.0, dynamic_batch: bool = False, parity_images: int = 256,
+           converter: str = "onnx2tf") -> ExportResult:
+    """Export the student (and the teacher, when the run trained one) of ``run_dir``.
+
+    ``formats``: onnx, tflite (fp32), fp16, dynamic; ``int8`` adds the full-integer student.
+    The teacher gets ONNX and fp32 TFLite only: the bench compares the student against it.
+    ``converter``: onnx2tf (default: int8 within 0.1 pt of fp32 on the quick student, measured in
+    benchmarks/export_converters.md) or litert-torch (no TensorFlow, NCHW input, -0.6 pt there).
+    """
     run_dir = Path(run_dir)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise EdgekdError(f"unknown format '{unknown[0]}'; choose from {', '.join(FORMATS)}")
+    if converter not in CONVERTERS:
+        raise EdgekdError(f"unknown converter '{converter}'; choose from {', '.join(CONVERTERS)}")
     student_path = run_dir / "student_best.pt"
     if not student_path.is_file():
         raise EdgekdError(f"{run_dir}: no student_best.pt; run 'edgekd distill RECIPE --out {run_dir}' first")
     if calib < 1:
         raise EdgekdError("--calib must be at least 1 image")
-    _check_imports(formats)
+    variants = [TFLITE_VARIANTS[f] for f in formats if f in TFLITE_VARIANTS] + (["int8"] if int8 else [])
+    _check_imports(formats, bool(variants), converter)
     roles = {"student": student_path}
     if (run_dir / "teacher_best.pt").is_file():
         roles["teacher"] = run_dir / "teacher_best.pt"
     ckpts = {role: load_checkpoint(p) for role, p in roles.items()}
     recipe = recipe_from_dict(ckpts["student"]["recipe"])
     data = load_dataset(recipe.data, recipe.seed)
-    mean, std = torch.tensor(ckpts["student"]["mean"]), torch.tensor(ckpts["student"]["std"])
+    mean, std = ckpts["student"]["mean"], ckpts["student"]["std"]
     test_u8, test_labels = gather(data.test)
-    test_x, test_y = prepare_batch(test_u8, mean, std).numpy(), test_labels.numpy()
+    test_x, test_y = prepare_batch(test_u8, torch.tensor(mean), torch.tensor(std)).numpy(), test_labels.numpy()
+    calib_x = None
     if int8:
         calib_u8, _ = gather(data.train, calib, seed=0)
         if len(calib_u8) == 0:
             raise EdgekdError(f"{run_dir}: no training images to calibrate int8 with; check the recipe's data section")
-        calib_x = prepare_batch(calib_u8, mean, std)
+        calib_x = prepare_batch(calib_u8, torch.tensor(mean), torch.tensor(std))
     out_dir = run_dir / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, dict[str, Any]] = {}
-    sidecars = []
+    sidecars, zeroed = [], {}
     for role, ckpt in ckpts.items():
-        model = build_from_checkpoint(ckpt, roles[role]).eval()
-        size = ckpt["image_size"]
+        original = build_from_checkpoint(ckpt, roles[role]).eval()
+        model = copy.deepcopy(original)
+        zeroed[role] = zero_dead_channels(model)
         sample = torch.from_numpy(test_x[:1].copy())
-        with torch.no_grad():
-            reference = model(torch.from_numpy(test_x[:parity_images].copy())).numpy()
-        jobs: list[tuple[str, str, Callable[[Path], None], Callable[[Path], Callable]]] = []
-        if "onnx" in formats:
-            jobs.append((f"{role}.onnx", "onnx", lambda p, m=model, x=sample: export_onnx(m, x, p), onnx_runner))
-            if dynamic_batch:
-                jobs.append((f"{role}_dynamic.onnx", "onnx", lambda p, m=model, x=sample: export_onnx(m, x, p, True), onnx_runner))
-        if "tflite" in formats:
-            jobs.append((f"{role}_fp32.tflite", "tflite_fp32", lambda p, m=model, x=sample: export_tflite_fp32(m, x, p),
-                         tflite_runner))
-            if int8 and role == "student":
-                jobs.append((f"{role}_int8.tflite", "tflite_int8",
-                             lambda p, m=model, x=sample: export_tflite_int8(m, x, calib_x, p), tflite_runner))
-        quant: dict[str, Any] = {}
-        for name, fmt, convert, runtime in jobs:
-            path = out_dir / name
-            t0 = time.perf_counter()
-            try:
-                convert(path)
-            except EdgekdError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a converter failure is one line for the user
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise EdgekdError(f"converting {role} to {fmt} failed: {type(e).__name__}: {first}") from None
-            convert_s = time.perf_counter() - t0
-            logits = runtime(path)(test_x)  # one pass: parity on the first images, top-1 on all
-            parity = _parity(logits, reference)
-            if fmt == "onnx" and (parity["max_abs_logit_diff"] > ONNX_MAX_ABS_DIFF
-                                  or parity["top1_agreement"] < ONNX_MIN_AGREEMENT):
-                path.unlink(missing_ok=True)
-                raise EdgekdError(f"{name} disagrees with PyTorch in onnxruntime (max |dlogit| "
-                                  f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2f} %)")
-            entry = {"model": role, "format": fmt, "size_bytes": path.stat().st_size, "convert_s": round(convert_s, 2),
-                     "parity": parity, "test_top1": 100.0 * float((logits.argmax(1) == test_y).mean()),
-                     "test_images": int(len(test_y))}
-            if fmt.startswith("tflite"):
-                entry["io"] = tflite_io_details(path)
-                if fmt == "tflite_int8":
-                    quant = {"input": entry["io"]["input_quantization"], "output": entry["io"]["output_quantization"]}
-            artifacts[name] = entry
-            log.info("%s: %s", name, {k: v for k, v in entry.items() if k != "io"})
+        with torch.no_grad():  # parity is against the checkpoint as trained, before any rewrite
+            reference = original(torch.from_numpy(test_x[:parity_images].copy())).numpy()
+        role_variants = variants if role == "student" else [v for v in variants if v == "fp32"]
+        with tempfile.TemporaryDirectory(prefix=f".{role}-", dir=out_dir) as work:
+            made = _convert(role, model, sample, calib_x, mean, std, Path(work),
+                            onnx="onnx" in formats, dynamic_batch=dynamic_batch, tflite=role_variants,
+                            converter=converter)
+            for name, (tmp, fmt, convert_s) in made.items():
+                path = out_dir / name
+                logits = (onnx_runner if fmt == "onnx" else tflite_runner)(tmp)(test_x)  # parity + top-1, one pass
+                parity = _parity(logits, reference)
+                if fmt == "onnx" and (parity["max_abs_logit_diff"] > ONNX_MAX_ABS_DIFF
+                                      or parity["top1_agreement"] < ONNX_MIN_AGREEMENT):
+                    raise EdgekdError(f"{name} disagrees with PyTorch in onnxruntime (max |dlogit| "
+                                      f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement "
+                                      f"{parity['top1_agreement']:.2f} %)")
+                entry = {"model": role, "format": fmt, "converter": "torch.onnx" if fmt == "onnx" else converter,
+                         "size_bytes": tmp.stat().st_size, "convert_s": round(convert_s, 2), "parity": parity,
+                         "test_top1": 100.0 * float((logits.argmax(1) == test_y).mean()),
+                         "test_images": int(len(test_y))}
+                if fmt.startswith("tflite"):
+                    entry["io"] = tflite_io_details(tmp)
+                with atomic_path(path) as final:  # fsync + rename: never a half-written artifact
+                    shutil.copyfile(tmp, final)
+                artifacts[name] = entry
+                log.info("%s: %s", name, {k: v for k, v in entry.items() if k != "io"})
+        int8_io = artifacts.get(f"{role}_int8.tflite", {}).get("io")
         sidecar = out_dir / f"{role}.model.json"
         write_json(sidecar, {
             "model": role, "arch": ckpt["arch"], "class_names": ckpt["class_names"],
-            "input_shape": [1, ckpt["in_channels"], size, size], "layout": "NCHW",
-            "input": "float32 (x/255 - mean) / std per channel; int8 files take that value quantised",
-            "mean": ckpt["mean"], "std": ckpt["std"], "int8_quantization": quant or None,
+            "input_shape": [1, ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"]], "layout": "NCHW",
+            "input": "float32 (x/255 - mean) / std per channel; int8 files take that value quantised; "
+                     "a TFLite file's own layout is in export.json (onnx2tf writes NHWC)",
+            "mean": mean, "std": std,
+            "int8_quantization": {"input": int8_io["input_quantization"], "output": int8_io["output_quantization"]}
+            if int8_io else None,
             "source_checkpoint": roles[role].name, "source_sha256": _sha256(roles[role]),
             "edgekd_version": __version__, "artifacts": [n for n, a in artifacts.items() if a["model"] == role],
         })
@@ -247,19 +353,69 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = FORMATS, int8: boo
     if "student_int8.tflite" in artifacts and "student_fp32.tflite" in artifacts:
         drop = artifacts["student_fp32.tflite"]["test_top1"] - artifacts["student_int8.tflite"]["test_top1"]
     report = {"schema": EXPORT_SCHEMA, "edgekd_version": __version__, "run_dir": str(run_dir),
-              "converters": {"onnx": "torch.onnx (opset 17)", "tflite": "litert-torch (PT2E int8)"},
-              "calibration_images": calib if int8 else 0, "int8_drop_top1": drop,
-              "max_int8_drop": max_int8_drop, "artifacts": artifacts}
+              "converters": {"onnx": "torch.onnx (opset 17)",
+                             "tflite": "litert-torch (PT2E int8)" if converter == "litert-torch" else "onnx2tf"},
+              "calibration_images": int(len(calib_x)) if calib_x is not None else 0,
+              "dead_channels_zeroed": zeroed, "int8_drop_top1": drop, "max_int8_drop": max_int8_drop,
+              "artifacts": artifacts}
     write_json(out_dir / "export.json", report)
     return ExportResult(out_dir, report, drop, drop is not None and drop > max_int8_drop,
                         [out_dir / n for n in artifacts] + sidecars + [out_dir / "export.json"])
 
 
-def _check_imports(formats: tuple[str, ...]) -> None:
-    needed = {"onnx": ("onnx", "onnxruntime"), "tflite": ("litert_torch", "ai_edge_litert")}
-    for fmt in formats:
-        for mod in needed[fmt]:
-            try:
-                __import__(mod)
-            except ImportError:
-                raise EdgekdError(f"{fmt} export needs the '{mod}' package: pip install 'edgekd[export]'") from None
+def _convert(role: str, model: nn.Module, sample: torch.Tensor, calib_x: torch.Tensor | None, mean: list[float],
+             std: list[float], work: Path, *, onnx: bool, dynamic_batch: bool, tflite: list[str],
+             converter: str) -> dict[str, tuple[Path, str, float]]:
+    """Every artifact of one model, converted into ``work``: name → (file, format, seconds)."""
+    made: dict[str, tuple[Path, str, float]] = {}
+
+    def timed(name: str, fmt: str, fn: Callable[[Path], Any]) -> Path:
+        path, t0 = work / name, time.perf_counter()
+        try:
+            fn(path)
+        except EdgekdError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a converter failure is one line for the user
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise EdgekdError(f"converting {role} to {fmt} failed: {type(e).__name__}: {first}") from None
+        made[name] = (path, fmt, time.perf_counter() - t0)
+        return path
+
+    if onnx or converter == "onnx2tf":
+        onnx_file = timed(f"{role}.onnx", "onnx", lambda p: export_onnx(model, sample, p))
+        if not onnx:
+            del made[f"{role}.onnx"]
+    if onnx and dynamic_batch:
+        timed(f"{role}_dynamic.onnx", "onnx", lambda p: export_onnx(model, sample, p, dynamic_batch=True))
+    if not tflite:
+        return made
+    if converter == "onnx2tf":
+        t0 = time.perf_counter()
+        files = convert_onnx2tf(onnx_file, work, calib_x if "int8" in tflite or "dynamic" in tflite else None,
+                                mean, std)
+        seconds = time.perf_counter() - t0  # one run writes every variant
+        for v in tflite:
+            made[f"{role}_{v}.tflite"] = (files[v], f"tflite_{v}", seconds)
+        return made
+    fp32 = timed(f"{role}_fp32.tflite", "tflite_fp32", lambda p: export_tflite_fp32(model, sample, p))
+    if "int8" in tflite:
+        assert calib_x is not None
+        timed(f"{role}_int8.tflite", "tflite_int8", lambda p: export_tflite_int8(model, sample, calib_x, p))
+    for v in ("fp16", "dynamic"):
+        if v in tflite:
+            timed(f"{role}_{v}.tflite", f"tflite_{v}", lambda p, k=v: quantize_weights(fp32, p, k))
+    if "fp32" not in tflite:
+        del made[f"{role}_fp32.tflite"]
+    return made
+
+
+def _check_imports(formats: tuple[str, ...], tflite: bool, converter: str) -> None:
+    import importlib.util
+
+    needed = list(("onnx", "onnxruntime") if "onnx" in formats or converter == "onnx2tf" else ())
+    if tflite:
+        needed += ["ai_edge_litert"] + (["litert_torch", "ai_edge_quantizer"] if converter == "litert-torch"
+                                        else ["onnx2tf", "tensorflow"])
+    for mod in needed:
+        if importlib.util.find_spec(mod) is None:
+            raise EdgekdError(f"export needs the '{mod}' package: pip install 'edgekd[export]'")
