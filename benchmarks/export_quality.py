@@ -49,7 +49,7 @@ def invoke_ms(path: Path, threads: int, runs: int, warmup: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--converter", default="litert-torch")
+    ap.add_argument("--converter", default="onnx2tf", choices=("onnx2tf", "litert-torch"))
     ap.add_argument("--reexport", action="store_true", help="convert again even if the files exist")
     ap.add_argument("--calib", type=int, default=500)
     ap.add_argument("--runs", type=int, default=500, help="timed invokes per file and thread count")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -165,6 +166,182 @@ def export(
     if result.int8_drop_exceeded:
         raise _fail(EdgekdError(f"int8 student loses {result.int8_drop:.2f} pt top-1 against fp32, more than "
                                 f"--max-int8-drop {max_int8_drop}"), 1)
+
+
+def _bench_table(report: dict[str, Any]) -> None:
+    for host, h in report["hosts"].items():
+        m = h["machine"]
+        table = Table(title=f"edgekd bench: {host} ({m.get('board') or m.get('cpu')}, {m.get('arch')}, "
+                            f"{report['threads']} threads, {report['runs']} runs)",
+                      box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)  # fits 80 columns
+        table.add_column("model", no_wrap=True)
+        for col in ("KB", "p50\nms", "p90\nms", "p99\nms", "RSS\nMB", "top-1\n%", "p50\nratio", "size\nratio",
+                    "RSS\nratio"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for name, r in h["models"].items():
+            lat, c = r["latency_ms"], h["comparisons"].get(name)
+            ratios = ([f"{c['latency_p50_ratio']:.3f}", f"{c['size_ratio']:.3f}", f"{c['peak_rss_ratio']:.2f}"]
+                      if c else ["", "", ""])
+            acc = "" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+            table.add_row(name.removesuffix(".tflite"), f"{r['size_bytes'] / 1024:,.0f}", f"{lat['p50']:.3f}",
+                          f"{lat['p90']:.3f}", f"{lat['p99']:.3f}", f"{r['memory_kb']['peak_rss'] / 1024:.1f}", acc,
+                          *ratios)
+        console.print(table)
+        c = h["comparison"]
+        if c and c["accuracy_diff"] is not None:
+            console.print(f"{h['student']} on {host}: {c['speedup']:.2f}x the speed of teacher_fp32.tflite (p50), "
+                          f"accuracy {100 * c['accuracy_diff']:+.2f} pt", highlight=False)
+        for w in h["warnings"]:
+            err_console.print(f"[yellow]warning:[/] {host}: {w}", highlight=False)
+
+
+def _gate_report(result: Any) -> int:
+    """Print the gate table, append it to $GITHUB_STEP_SUMMARY; 0 when it passed, 1 when not."""
+    import os
+
+    from edgekd.gate import render_markdown
+
+    table = Table(title=f"edgekd gate: {'PASS' if result.passed else 'FAIL'}")
+    for col in ("check", "host", "value", "limit", "result"):
+        table.add_column(col, justify="right" if col in ("value", "limit") else "left")
+    for c in result.checks:
+        table.add_row(c.name, c.host, "missing" if c.value is None else f"{c.value:.4g}",
+                      f"{'<=' if c.kind == 'max' else '>='} {c.limit:g}",
+                      "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
+    console.print(table)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:  # appended, as GitHub Actions expects
+            f.write(render_markdown(result))
+    return 0 if result.passed else 1
+
+
+def _ssh_options(port: Optional[int], identity: Optional[Path], known_hosts: Optional[Path],
+                 accept_new_host_key: bool) -> Any:
+    from edgekd.bench import SSHOptions
+
+    return SSHOptions(port=port, identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key)
+
+
+_HOST_HELP = "USER@BOARD or an ~/.ssh/config alias; repeat for several boards (benched concurrently)"
+_PORT = typer.Option(None, help="SSH port [default: 22 or ~/.ssh/config]")
+_IDENTITY = typer.Option(None, help="SSH private key file")
+_KNOWN_HOSTS = typer.Option(None, help="known_hosts file to verify host keys against [default: OpenSSH's]")
+_ACCEPT_NEW = typer.Option(False, help="trust and record the host key of a board never seen before")
+
+
+@app.command()
+def bench(
+    export_dir: Path = typer.Argument(..., help="an export directory written by 'edgekd export', e.g. runs/x/export"),
+    device: str = typer.Option("local", help="device profile: local, rpi4, rpi5, generic-arm64"),
+    host: list[str] = typer.Option([], help=_HOST_HELP),
+    port: Optional[int] = _PORT,
+    identity: Optional[Path] = _IDENTITY,
+    known_hosts: Optional[Path] = _KNOWN_HOSTS,
+    accept_new_host_key: bool = _ACCEPT_NEW,
+    python: Optional[str] = typer.Option(None, help="Python on the board [default: python3]"),
+    threads: Optional[int] = typer.Option(None, help="interpreter threads [default: the profile's]"),
+    runs: int = typer.Option(200, help="timed invokes per model"),
+    warmup: int = typer.Option(20, help="untimed invokes first"),
+    samples: int = typer.Option(500, help="test images scored on the board"),
+    timeout: float = typer.Option(300, help="seconds each model may run on the board"),
+    remote_tmp: str = typer.Option("/tmp", help="folder on the board for the temporary bundle"),
+) -> None:
+    """Time and score the student (int8, fp32) against the teacher on boards over SSH, or here."""
+    from edgekd.bench import bench as run_bench
+
+    try:
+        with console.status(f"benchmarking on {', '.join(host) or 'this machine'}..."):
+            result = run_bench(export_dir, device, tuple(host),
+                               ssh=_ssh_options(port, identity, known_hosts, accept_new_host_key), python=python,
+                               threads=threads, runs=runs, warmup=warmup, samples=samples, timeout=timeout,
+                               remote_tmp=remote_tmp)
+    except EdgekdError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        raise _fail(EdgekdError("interrupted; the remote temp dirs were removed"), 130) from None
+    _bench_table(result.report)
+    console.print(f"wrote {', '.join(str(f) for f in result.files)}")
+
+
+def _thresholds(recipe: Optional[Path], **flags: Optional[float]) -> Any:
+    from pydantic import ValidationError
+
+    from edgekd.recipe import GateConfig, load_recipe
+
+    base = load_recipe(recipe).gate.model_dump() if recipe else {}
+    try:
+        return GateConfig.model_validate({**base, **{k: v for k, v in flags.items() if v is not None}})
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0])
+        hint = " (a fraction: 0.85 means 85 %)" if name == "min_accuracy" else ""
+        raise EdgekdError(f"--{name.replace('_', '-')}: {err['msg'].lower()}{hint}") from None
+
+
+@app.command()
+def gate(
+    bench_json: Path = typer.Argument(..., help="bench.json written by 'edgekd bench' (or its folder)"),
+    recipe: Optional[Path] = typer.Option(None, help="take thresholds from this recipe's gate: section"),
+    max_size_mb: Optional[float] = typer.Option(None, help="student file size limit, MB"),
+    max_p50_ms: Optional[float] = typer.Option(None, help="student median latency limit, ms"),
+    max_p90_ms: Optional[float] = typer.Option(None, help="student p90 latency limit, ms"),
+    min_accuracy: Optional[float] = typer.Option(None, help="student top-1 on the board, a fraction 0..1"),
+    max_latency_ratio: Optional[float] = typer.Option(None, help="student p50 / teacher p50 in the same run"),
+    max_int8_drop: Optional[float] = typer.Option(None, help="int8 vs fp32 top-1 drop in points (export.json)"),
+) -> None:
+    """Pass/fail on size, latency and accuracy: exit 0 pass, 1 fail, 2 bad input."""
+    from edgekd.gate import gate as run_gate
+
+    try:
+        thresholds = _thresholds(recipe, max_size_mb=max_size_mb, max_p50_ms=max_p50_ms, max_p90_ms=max_p90_ms,
+                                 min_accuracy=min_accuracy, max_latency_ratio=max_latency_ratio,
+                                 max_int8_drop=max_int8_drop)
+        result = run_gate(bench_json, thresholds)
+    except EdgekdError as e:
+        raise _fail(e) from None
+    raise typer.Exit(_gate_report(result))
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/fashion_mnist_quick.yaml"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory [default: runs/<recipe name>]"),
+    host: list[str] = typer.Option([], help=_HOST_HELP + " [default: the recipe's bench.hosts, else local]"),
+    port: Optional[int] = _PORT,
+    identity: Optional[Path] = _IDENTITY,
+    known_hosts: Optional[Path] = _KNOWN_HOSTS,
+    accept_new_host_key: bool = _ACCEPT_NEW,
+    set_: list[str] = typer.Option([], "--set", help="override any recipe field: --set gate.max_p90_ms=5"),
+) -> None:
+    """The whole chain: distil, export, bench, gate; finished stages are not redone."""
+    from edgekd.pipeline import run as run_chain
+    from edgekd.recipe import load_recipe
+
+    try:
+        rec = load_recipe(recipe, _parse_sets(set_))
+        out_dir = out or Path("runs") / rec.name
+        ssh = _ssh_options(port or rec.bench.port, identity, known_hosts, accept_new_host_key)
+        with _RichProgress() as progress:
+            result = run_chain(rec, out_dir, hosts=tuple(host), ssh=ssh, progress=progress)
+    except EdgekdError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        raise _fail(EdgekdError(f"interrupted; run the same command again to continue {out}"), 130) from None
+    s = result.metrics["student"]
+    console.print(f"student {s['arch']}: test top-1 {s['test_top1']:.2f}% (PyTorch)", highlight=False)
+    for name, a in result.export_report["artifacts"].items():
+        console.print(f"  {name}: {a['size_bytes'] / 1024:,.0f} KB, test top-1 {a['test_top1']:.2f}%", highlight=False)
+    _bench_table(result.bench_report)
+    for stage, what in result.stages.items():
+        console.print(f"{stage:8s} {what}", highlight=False)
+    code = _gate_report(result.gate_result) if result.gate_result else 0
+    if result.int8_drop_exceeded:
+        err_console.print(f"[bold red]error:[/] int8 student loses {result.export_report['int8_drop_top1']:.2f} pt "
+                          f"top-1 against fp32, more than export.max_int8_drop {rec.export.max_int8_drop}")
+        code = 1
+    console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'export' / 'report.md'})")
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,41 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class ExportConfig(_Strict):
+    """What ``edgekd run`` exports (the flags of ``edgekd export``)."""
+
+    formats: list[Literal["onnx", "tflite", "fp16", "dynamic"]] = ["onnx", "tflite"]
+    int8: bool = True
+    calib: int = Field(500, ge=1, description="training images to calibrate int8 with")
+    max_int8_drop: float = Field(1.0, description="fail when int8 loses more top-1 points than this")
+    converter: Literal["onnx2tf", "litert-torch"] = "onnx2tf"
+
+
+class BenchConfig(_Strict):
+    """Where and how ``edgekd run`` benchmarks (the flags of ``edgekd bench``)."""
+
+    device: Literal["local", "rpi4", "rpi5", "generic-arm64"] = "local"
+    hosts: list[str] = Field(default_factory=list, description="USER@HOST or ~/.ssh/config aliases")
+    port: int | None = Field(None, ge=1, le=65535)
+    python: str | None = Field(None, description="the board's Python [default: python3]")
+    threads: int | None = Field(None, ge=1, description="default: the device profile's")
+    runs: int = Field(200, ge=1)
+    warmup: int = Field(20, ge=0)
+    samples: int = Field(500, ge=1, description="test images scored on the board")
+    timeout: float = Field(300, gt=0, description="seconds per model run")
+
+
+class GateConfig(_Strict):
+    """CI thresholds for ``edgekd gate``; a field left out is not checked."""
+
+    max_size_mb: float | None = Field(None, gt=0, description="student file size, MB (10^6 bytes)")
+    max_p50_ms: float | None = Field(None, gt=0)
+    max_p90_ms: float | None = Field(None, gt=0)
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="student top-1 on the board, 0..1")
+    max_latency_ratio: float | None = Field(None, gt=0, description="student p50 / teacher p50, same run")
+    max_int8_drop: float | None = Field(None, description="int8 vs fp32 top-1 points, from export.json")
+
+
 class Recipe(_Strict):
     name: str = "recipe"
     seed: int = 0
@@ -85,10 +120,9 @@ class Recipe(_Strict):
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     train: TrainConfig = TrainConfig()
-    # Sections that later stages read; kept as plain mappings here so a recipe can carry them.
-    export: dict[str, Any] = Field(default_factory=dict)
-    bench: dict[str, Any] = Field(default_factory=dict)
-    gate: dict[str, Any] = Field(default_factory=dict)
+    export: ExportConfig = ExportConfig()
+    bench: BenchConfig = BenchConfig()
+    gate: GateConfig = GateConfig()
 
 
 def _first_error(err: ValidationError) -> str:

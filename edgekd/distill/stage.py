@@ -35,7 +35,7 @@ from edgekd.train import evaluate, make_optimizer, make_scheduler, predict, trai
 
 log = logging.getLogger(__name__)
 METRICS_SCHEMA = "edgekd.metrics/1"
-_RESUME_IGNORED = {("train", "device")}
+_RESUME_IGNORED = {("train", "device"), ("export",), ("bench",), ("gate",)}  # not training
 
 
 class Progress(Protocol):
