@@ -327,7 +327,7 @@ def run(
     except EdgekdError as e:
         raise _fail(e) from None
     except KeyboardInterrupt:
-        raise _fail(EdgekdError(f"interrupted; run the same command again to continue {out}"), 130) from None
+        raise _fail(EdgekdError("interrupted; run the same command again to continue where it stopped"), 130) from None
     s = result.metrics["student"]
     console.print(f"student {s['arch']}: test top-1 {s['test_top1']:.2f}% (PyTorch)", highlight=False)
     for name, a in result.export_report["artifacts"].items():
