@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekd.bench import BENCH_SCHEMA
 from edgekd.errors import EdgekdError
 from edgekd.recipe import GateConfig
 
@@ -59,8 +60,8 @@ def gate(bench_json: str | Path, thresholds: GateConfig) -> GateResult:
     if path.is_dir():
         path = path / "bench.json"
     report = _load(path, "bench EXPORT_DIR")
-    if report.get("schema") != "edgekd.bench/1" or not isinstance(report.get("hosts"), dict) or not report["hosts"]:
-        raise EdgekdError(f"{path}: not an edgekd bench report (schema edgekd.bench/1 with hosts)")
+    if report.get("schema") != BENCH_SCHEMA or not isinstance(report.get("hosts"), dict) or not report["hosts"]:
+        raise EdgekdError(f"{path}: not an edgekd bench report (schema {BENCH_SCHEMA} with hosts)")
     t = thresholds
     if all(v is None for v in t.model_dump().values()):
         raise EdgekdError("no thresholds: pass e.g. --max-size-mb 3 --max-p90-ms 15, or a gate: section in the recipe")
