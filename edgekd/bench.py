@@ -151,6 +151,11 @@ class Target:
         return lines[-1][:300] if lines else f"exit code {proc.returncode}"
 
 
+def _role(model: str) -> str:
+    """'student_int8.tflite' -> 'student': the sidecar is <role>.model.json."""
+    return model.split("_")[0].split(".")[0]
+
+
 def _bundle(export_dir: Path, models: tuple[str, ...], samples: int, seed: int) -> bytes:
     """A tar of the runner, the models, their sidecars and ``samples`` test images."""
     from edgekd.checkpoint import load_checkpoint
@@ -167,7 +172,7 @@ def _bundle(export_dir: Path, models: tuple[str, ...], samples: int, seed: int) 
         tar.add(RUNNER, arcname="edgekd_runner.py")
         for name in models:
             tar.add(export_dir / name, arcname=name)
-        for role in sorted({m.split("_")[0].split(".")[0] for m in models}):
+        for role in sorted({_role(m) for m in models}):
             tar.add(export_dir / f"{role}.model.json", arcname=f"{role}.model.json")
         info = tarfile.TarInfo("samples.npz")
         info.size = buf.getbuffer().nbytes
@@ -188,7 +193,7 @@ def _bench_target(target: Target, bundle: bytes, models: tuple[str, ...], python
         target.check(target.run(["tar", "-x", "-f", "-", "-C", remote_dir], stdin=bundle, timeout=timeout),
                      "copying the bundle")
         for model in models:
-            role = model.split("_")[0].split(".")[0]
+            role = _role(model)
             # `sh -c` records the pid of `timeout` so cleanup can stop a runner that outlives its SSH
             # session (Ctrl-C, a dropped link); the script is constant, every path is a positional argument.
             argv = ["sh", "-c", 'echo $$ > "$1/runner.pid"; shift; exec "$@"', "sh", remote_dir,

@@ -81,10 +81,14 @@ class _RichProgress:
                       f"{row['img_per_s']:,.0f} img/s", highlight=False)
 
 
+_RECIPE = typer.Argument(..., help="recipe YAML, e.g. recipes/fashion_mnist_quick.yaml")
+_OUT = typer.Option(None, "--out", "-o", help="run directory [default: runs/<recipe name>]")
+
+
 @app.command()
 def distill(
-    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/fashion_mnist_quick.yaml"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory [default: runs/<recipe name>]"),
+    recipe: Path = _RECIPE,
+    out: Optional[Path] = _OUT,
     method: Optional[str] = typer.Option(None, help="distillation method: ce, kd, at, atkd, atkd-sa, fitnet"),
     epochs: Optional[int] = typer.Option(None, help="student epochs (and teacher epochs unless --teacher-epochs)"),
     teacher_epochs: Optional[int] = typer.Option(None, help="teacher epochs"),
@@ -305,8 +309,8 @@ def gate(
 
 @app.command()
 def run(
-    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. recipes/fashion_mnist_quick.yaml"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory [default: runs/<recipe name>]"),
+    recipe: Path = _RECIPE,
+    out: Optional[Path] = _OUT,
     host: list[str] = typer.Option([], help=_HOST_HELP + " [default: the recipe's bench.hosts, else local]"),
     port: Optional[int] = _PORT,
     identity: Optional[Path] = _IDENTITY,

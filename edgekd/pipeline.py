@@ -34,18 +34,19 @@ class RunResult:
     int8_drop_exceeded: bool = False
 
 
-def _export_is_current(run_dir: Path, cfg: ExportConfig) -> bool:
-    """True when export.json was made from this student_best.pt with the recipe's export settings."""
+def _current_export(run_dir: Path, cfg: ExportConfig) -> dict[str, Any] | None:
+    """export.json when it was made from this student_best.pt with the recipe's export settings, else None."""
     out = run_dir / "export"
     if not (out / "export.json").is_file() or not (out / "student.model.json").is_file():
-        return False
+        return None
     if json.loads((out / "student.model.json").read_text()).get("source_sha256") != _sha256(run_dir / "student_best.pt"):
-        return False
+        return None
     report = json.loads((out / "export.json").read_text())
     wanted = {"student.onnx" if f == "onnx" else f"student_{TFLITE_VARIANTS[f]}.tflite" for f in cfg.formats}
     wanted |= {"student_int8.tflite"} if cfg.int8 else set()
-    return (report.get("converters", {}).get("tflite", "").startswith(cfg.converter)
-            and wanted <= set(report.get("artifacts", {})))
+    current = (report.get("converters", {}).get("tflite", "").startswith(cfg.converter)
+               and wanted <= set(report.get("artifacts", {})))
+    return report if current else None
 
 
 def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh: SSHOptions | None = None,
@@ -66,8 +67,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
         stages["distill"] = "resumed" if started else "ran"
 
     e = recipe.export
-    if _export_is_current(run_dir, e):
-        export_report = json.loads((run_dir / "export" / "export.json").read_text())
+    export_report = _current_export(run_dir, e)
+    if export_report is not None:
         stages["export"] = "skipped (export.json matches student_best.pt and the export: section)"
     else:
         result = export(run_dir, formats=tuple(e.formats), int8=e.int8, calib=e.calib,
@@ -84,9 +85,12 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
         device = "generic-arm64"
     export_dir = run_dir / "export"
     bench_json = export_dir / "bench.json"
-    if bench_json.is_file() and bench_json.stat().st_mtime > (export_dir / "export.json").stat().st_mtime and \
-            set(json.loads(bench_json.read_text())["hosts"]) == (set(hosts) or {"local"}):
+    bench_report = None
+    if bench_json.is_file() and bench_json.stat().st_mtime > (export_dir / "export.json").stat().st_mtime:
         bench_report = json.loads(bench_json.read_text())
+        if set(bench_report["hosts"]) != (set(hosts) or {"local"}):
+            bench_report = None  # benched elsewhere: bench again
+    if bench_report is not None:
         stages["bench"] = "skipped (bench.json is newer than export.json)"
     else:
         ssh = ssh or SSHOptions(port=b.port)
