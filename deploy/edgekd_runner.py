@@ -65,16 +65,23 @@ def _read(path: str) -> str:
 
 
 def machine_info() -> dict:
-    cpu = ""
+    """The machine, with one source of truth for the board's identity: ``board`` is
+    /proc/device-tree/model, else the ``Model`` line of /proc/cpuinfo (Raspberry Pi OS puts it
+    there too), else None; ``board_source`` says which. ``cpu`` is the processor only."""
+    cpu, cpuinfo_model = "", ""
     for line in _read("/proc/cpuinfo").splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
-            cpu = value.strip()
-            if key.strip() == "model name":
-                break
-    info = {"arch": platform.machine(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "board": _read("/proc/device-tree/model") or None, "os": platform.platform(),
-            "python": platform.python_version(), "throttled": None}
+        key, value = key.strip(), value.strip()
+        if key == "Model" and value:
+            cpuinfo_model = value
+        elif key in ("model name", "Hardware", "cpu model") and value and not cpu:
+            cpu = value
+    board, source = _read("/proc/device-tree/model"), "device-tree"
+    if not board and cpuinfo_model:
+        board, source = cpuinfo_model, "cpuinfo"
+    info = {"arch": platform.machine(), "cpu": cpu or platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "board": board or None, "board_source": source if board else None,
+            "os": platform.platform(), "python": platform.python_version(), "throttled": None}
     vcgencmd = shutil.which("vcgencmd")
     if vcgencmd:  # Raspberry Pi firmware: under-voltage / throttling flags (0x0 = never throttled)
         try:

@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class DeviceProfile:
     name: str
     threads: int
     arch: tuple[str, ...] = ()  # expected `uname -m`; empty: any
-    board: str | None = None  # expected substring of /proc/device-tree/model
+    board: str | None = None  # expected substring of the runner's machine["board"]
     remote: bool = True
 
 
@@ -77,12 +78,19 @@ class _Cancelled(Exception):
 
 
 class Target:
-    """Where the runner runs. ``run`` takes an argument list; SSH joins it with shlex.join."""
+    """Where the runner runs. ``run`` takes an argument list; SSH joins it with shlex.join.
 
-    def __init__(self, name: str, ssh: SSHOptions | None, cancel: threading.Event):
-        self.name, self.ssh, self.cancel = name, ssh, cancel
+    Every child (ssh, or the local runner) starts in its own process group, so a terminal's
+    Ctrl-C reaches edgekd alone and edgekd decides what stops: ``cancel()`` kills every
+    running child's group and any child started afterwards, under one lock, so no child can
+    slip in between. Cleanup commands pass ``cancellable=False`` and still run after it.
+    """
+
+    def __init__(self, name: str, ssh: SSHOptions | None):
+        self.name, self.ssh = name, ssh
         self.procs: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
+        self.cancelled = False
 
     def argv(self, remote_argv: list[str]) -> list[str]:
         if self.ssh is None:
@@ -99,30 +107,37 @@ class Target:
             cmd += ["-o", f"UserKnownHostsFile={o.known_hosts}"]
         return [*cmd, "--", self.name, shlex.join(remote_argv)]
 
-    def run(self, remote_argv: list[str], stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-        if self.cancel.is_set():
-            raise _Cancelled
-        proc = subprocess.Popen(self.argv(remote_argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+    def run(self, remote_argv: list[str], stdin: bytes | None = None, timeout: float = 60,
+            cancellable: bool = True) -> subprocess.CompletedProcess:
         with self.lock:
-            self.procs.add(proc)
+            if cancellable and self.cancelled:
+                raise _Cancelled
+            proc = subprocess.Popen(self.argv(remote_argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+            if cancellable:
+                self.procs.add(proc)
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _kill_group(proc)
             out, err = proc.communicate()
             return subprocess.CompletedProcess(proc.args, 124, out, err)
+        except BaseException:
+            _kill_group(proc)  # never leave a child behind, whatever stopped us
+            proc.wait()
+            raise
         finally:
             with self.lock:
                 self.procs.discard(proc)
-        if self.cancel.is_set():
+        if cancellable and self.cancelled:
             raise _Cancelled
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
-    def kill_all(self) -> None:
+    def cancel(self) -> None:
         with self.lock:
+            self.cancelled = True
             for proc in self.procs:
-                proc.kill()
+                _kill_group(proc)
 
     def check(self, proc: subprocess.CompletedProcess, what: str) -> str:
         if proc.returncode == 0:
@@ -151,22 +166,44 @@ class Target:
         return lines[-1][:300] if lines else f"exit code {proc.returncode}"
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def board_name(machine: dict[str, Any]) -> str:
+    """The board's identity as the runner reported it (one source: ``machine['board']``), else its CPU."""
+    return machine.get("board") or machine.get("cpu") or "unknown machine"
+
+
 def _role(model: str) -> str:
     """'student_int8.tflite' -> 'student': the sidecar is <role>.model.json."""
     return model.split("_")[0].split(".")[0]
 
 
-def _bundle(export_dir: Path, models: tuple[str, ...], samples: int, seed: int) -> bytes:
-    """A tar of the runner, the models, their sidecars and ``samples`` test images."""
-    from edgekd.checkpoint import load_checkpoint
-    from edgekd.data import gather, load_dataset
-    from edgekd.recipe import recipe_from_dict
+SAMPLES_FILE = "samples.npz"
 
-    ckpt = load_checkpoint(export_dir.parent / "student_best.pt")
-    recipe = recipe_from_dict(ckpt["recipe"])
-    images, labels = gather(load_dataset(recipe.data, recipe.seed).test, samples, seed=seed)
+
+def _bundle(export_dir: Path, models: tuple[str, ...], samples: int) -> tuple[bytes, int]:
+    """A tar of the runner, the models, their sidecars and the first ``samples`` test images of
+    the export dir's ``samples.npz``; also the number of images it holds. Reads nothing outside
+    ``export_dir``, so a copied export dir benches on its own."""
+    path = export_dir / SAMPLES_FILE
+    if not path.is_file():
+        raise EdgekdError(f"{export_dir}: no {SAMPLES_FILE} (the test images the board scores); "
+                          "run 'edgekd export RUN' again to write it")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["images"][:samples], npz["labels"][:samples]
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise EdgekdError(f"{path}: not a samples file written by edgekd export ({type(e).__name__}); "
+                          "run 'edgekd export RUN' again") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
+        raise EdgekdError(f"{path}: expected uint8 N x C x H x W images with N labels; run 'edgekd export RUN' again")
     buf = io.BytesIO()
-    np.savez(buf, images=images.numpy().astype(np.uint8), labels=labels.numpy().astype(np.int64))
+    np.savez(buf, images=images, labels=labels.astype(np.int64))
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
         tar.add(RUNNER, arcname="edgekd_runner.py")
@@ -174,11 +211,11 @@ def _bundle(export_dir: Path, models: tuple[str, ...], samples: int, seed: int) 
             tar.add(export_dir / name, arcname=name)
         for role in sorted({_role(m) for m in models}):
             tar.add(export_dir / f"{role}.model.json", arcname=f"{role}.model.json")
-        info = tarfile.TarInfo("samples.npz")
+        info = tarfile.TarInfo(SAMPLES_FILE)
         info.size = buf.getbuffer().nbytes
         buf.seek(0)
         tar.addfile(info, buf)
-    return out.getvalue()
+    return out.getvalue(), len(images)
 
 
 def _bench_target(target: Target, bundle: bytes, models: tuple[str, ...], python: str, threads: int, warmup: int,
@@ -207,15 +244,11 @@ def _bench_target(target: Target, bundle: bytes, models: tuple[str, ...], python
                      results[model]["accuracy"])
         finished = True
     finally:
-        # Cleanup must run even after Ctrl-C, so it ignores the cancel flag.
-        cancel, target.cancel = target.cancel, threading.Event()
+        # Cleanup must run even after Ctrl-C, so it is not cancellable.
         stop = "" if finished else '[ -f "$1/runner.pid" ] && kill "$(cat "$1/runner.pid")" 2>/dev/null; '
-        try:
-            gone = target.run(["sh", "-c", stop + 'rm -rf -- "$1"', "sh", remote_dir], timeout=60)
-            if gone.returncode != 0:
-                log.warning("%s: could not remove %s: %s", target.name, remote_dir, target.explain(gone))
-        finally:
-            target.cancel = cancel
+        gone = target.run(["sh", "-c", stop + 'rm -rf -- "$1"', "sh", remote_dir], timeout=60, cancellable=False)
+        if gone.returncode != 0:
+            log.warning("%s: could not remove %s: %s", target.name, remote_dir, target.explain(gone))
     return results
 
 
@@ -266,8 +299,8 @@ def _profile_warnings(profile: DeviceProfile, models: dict[str, Any]) -> list[st
         warnings.append(f"profile {profile.name} expects {'/'.join(profile.arch)} but the board is "
                         f"{machine.get('arch')}")
     if profile.board and profile.board not in (machine.get("board") or ""):
-        warnings.append(f"profile {profile.name} expects a '{profile.board}' but the board says "
-                        f"{machine.get('board') or 'nothing in /proc/device-tree/model'}")
+        warnings.append(f"profile {profile.name} expects a '{profile.board}' but the board is "
+                        f"{machine.get('board') or 'unnamed (no /proc/device-tree/model, no Model in /proc/cpuinfo)'}")
     if machine.get("throttled") not in (None, "0x0"):
         warnings.append(f"the board reports throttling {machine['throttled']} (power or heat); latencies may be high")
     return warnings
@@ -276,7 +309,7 @@ def _profile_warnings(profile: DeviceProfile, models: dict[str, Any]) -> list[st
 def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] = (), *,
           ssh: SSHOptions | None = None, python: str | None = None, threads: int | None = None, runs: int = 200,
           warmup: int = 20, samples: int = 500, timeout: float = 300, remote_tmp: str = "/tmp",
-          models: tuple[str, ...] = MODELS, seed: int = 0) -> BenchResult:
+          models: tuple[str, ...] = MODELS) -> BenchResult:
     """Run the student int8 and fp32 and the teacher fp32 on each target; write bench.json and report.md."""
     export_dir = Path(export_dir)
     if device not in PROFILES:
@@ -298,59 +331,68 @@ def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] 
         raise EdgekdError(f"{export_dir}: none of {', '.join(models)} is there; run 'edgekd export RUN --int8'")
     if ssh and ssh.identity and not Path(ssh.identity).is_file():
         raise EdgekdError(f"--identity {ssh.identity}: no such key file")
-    bundle = _bundle(export_dir, present, samples, seed)
     threads = threads or profile.threads
-    cancel = threading.Event()
-    targets = ([Target(h, ssh or SSHOptions(), cancel) for h in hosts] if profile.remote
-               else [Target("local", None, cancel)])
+    targets = [Target(h, ssh or SSHOptions()) for h in hosts] if profile.remote else [Target("local", None)]
     python = python or (sys.executable if not profile.remote else "python3")
-    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        futures = {t.name: pool.submit(_bench_target, t, bundle, present, python, threads, warmup, runs, timeout,
-                                       remote_tmp if profile.remote else tempfile.gettempdir())
+    tmp = remote_tmp if profile.remote else tempfile.gettempdir()
+    outcomes: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=len(targets))
+    try:  # from here on, an interrupt at any moment stops every target and waits for its cleanup
+        bundle, n_samples = _bundle(export_dir, present, samples)
+        futures = {pool.submit(_bench_target, t, bundle, present, python, threads, warmup, runs, timeout, tmp): t
                    for t in targets}
-        try:
-            outcomes = {}
-            for name, fut in futures.items():
-                outcomes[name] = fut.result()
-        except KeyboardInterrupt:
-            cancel.set()
-            for t in targets:
-                t.kill_all()
-            for fut in futures.values():  # let each target remove its remote dir
+        pending = set(futures)
+        while pending:  # short waits: Ctrl-C is handled promptly whichever thread the signal hit
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in done:
+                name = futures[fut].name
                 try:
-                    fut.result()
-                except (_Cancelled, EdgekdError):
-                    pass
-            raise
-        except _Cancelled:
-            raise EdgekdError("interrupted") from None
-        except EdgekdError:
-            cancel.set()  # stop the other hosts early; their finally blocks clean up
-            for t in targets:
-                t.kill_all()
-            raise
-    report = _report(export_dir, profile, outcomes, threads, runs, warmup)
+                    outcomes[name] = fut.result()
+                except EdgekdError as e:  # one board failing does not stop the others
+                    errors[name] = str(e)
+    except BaseException:
+        for t in targets:
+            t.cancel()
+        pool.shutdown(wait=True)  # each target removes its remote dir (bounded by its timeouts)
+        raise
+    pool.shutdown(wait=True)
+    if not outcomes:
+        raise EdgekdError(next(iter(errors.values())) if len(errors) == 1 else
+                          "bench failed on every host: " + "; ".join(errors.values()))
+    report = _report(export_dir, profile, outcomes, errors, threads, runs, warmup, n_samples)
     files = _write(export_dir, report)
+    if errors:
+        raise EdgekdError(f"bench failed on {', '.join(errors)} ({'; '.join(errors.values())}); the other hosts' "
+                          f"results are in {export_dir / 'bench.json'}")
     return BenchResult(export_dir / "bench.json", report, files)
 
 
-def _report(export_dir: Path, profile: DeviceProfile, outcomes: dict[str, dict[str, Any]], threads: int, runs: int,
-            warmup: int) -> dict[str, Any]:
-    hosts = {}
+def _report(export_dir: Path, profile: DeviceProfile, outcomes: dict[str, dict[str, Any]], errors: dict[str, str],
+            threads: int, runs: int, warmup: int, samples: int) -> dict[str, Any]:
+    hosts: dict[str, Any] = {}
     for host, models in outcomes.items():
         machine = next(iter(models.values()))["machine"]
         comparisons = {m: _ratios(r, models["teacher_fp32.tflite"]) for m, r in models.items()
                        if m.startswith("student") and "teacher_fp32.tflite" in models}
         student = "student_int8.tflite" if "student_int8.tflite" in models else next(
             m for m in models if m.startswith("student"))
-        hosts[host] = {"machine": machine, "warnings": _profile_warnings(profile, models), "student": student,
-                       "comparison": comparisons.get(student), "comparisons": comparisons, "models": models}
+        hosts[host] = {"status": "ok", "machine": machine, "warnings": _profile_warnings(profile, models),
+                       "student": student, "comparison": comparisons.get(student), "comparisons": comparisons,
+                       "models": models}
         for w in hosts[host]["warnings"]:
             log.info("%s: %s", host, w)  # the caller shows report warnings; logged for -v runs
+    for host, error in errors.items():
+        hosts[host] = {"status": "failed", "error": error}
     export = json.loads((export_dir / "export.json").read_text())
     return {"schema": BENCH_SCHEMA, "edgekd_version": __version__, "export_dir": str(export_dir),
-            "device": profile.name, "threads": threads, "runs": runs, "warmup": warmup,
+            "device": profile.name, "threads": threads, "runs": runs, "warmup": warmup, "samples": samples,
             "export_test_top1": {k: v["test_top1"] for k, v in export["artifacts"].items()}, "hosts": hosts}
+
+
+def ok_hosts(report: dict[str, Any]) -> dict[str, Any]:
+    """The hosts of a bench report whose bench finished."""
+    return {h: v for h, v in report["hosts"].items() if v.get("status", "ok") == "ok"}
 
 
 def _write(export_dir: Path, report: dict[str, Any]) -> list[Path]:
@@ -369,7 +411,7 @@ def _histogram(report: dict[str, Any], path: Path) -> None:
 
     from edgekd.checkpoint import atomic_path
 
-    hosts = report["hosts"]
+    hosts = ok_hosts(report)
     fig, axes = plt.subplots(len(hosts), 1, figsize=(7, 2.8 * len(hosts)), squeeze=False)
     for ax, (host, h) in zip(axes[:, 0], hosts.items(), strict=True):
         for model, r in h["models"].items():
@@ -377,7 +419,7 @@ def _histogram(report: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("latency per invoke, ms (log scale)")
         ax.set_ylabel("runs")
-        ax.set_title(f"{host}: {h['machine'].get('board') or h['machine'].get('cpu')}, {report['threads']} threads")
+        ax.set_title(f"{host}: {board_name(h['machine'])}, {report['threads']} threads")
         ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -388,8 +430,11 @@ def _histogram(report: dict[str, Any], path: Path) -> None:
 def render_markdown(report: dict[str, Any], png: str | None = None) -> str:
     lines = [f"# edgekd bench: {report['device']} ({report['threads']} threads, {report['runs']} timed runs)", ""]
     for host, h in report["hosts"].items():
+        if h.get("status", "ok") != "ok":
+            lines += [f"## {host}", "", f"**bench failed**: {h['error']}", ""]
+            continue
         m = h["machine"]
-        lines += [f"## {host}", "", f"{m.get('board') or m.get('cpu')} · {m.get('arch')} · {m.get('cores')} cores · "
+        lines += [f"## {host}", "", f"{board_name(m)} · {m.get('arch')} · {m.get('cores')} cores · "
                   f"Python {m.get('python')} · throttled {m.get('throttled')}", ""]
         lines += ["| model | size KB | p50 ms | p90 ms | p99 ms | peak RSS MB | accuracy |", "|---|---|---|---|---|---|---|"]
         for name, r in h["models"].items():

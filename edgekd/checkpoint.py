@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,17 +27,22 @@ VERSION = 1
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:  # disk full, a file size limit, a read-only folder: one line, nothing half-written
+        raise EdgekdError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another "
+                          "output folder") from None
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -62,7 +68,10 @@ def write_text(path: str | Path, text: str) -> None:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        try:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        except RuntimeError as e:  # torch's writer reports a failed write (disk full) as RuntimeError
+            raise OSError(getattr(e, "errno", None) or 28, f"write failed ({str(e).splitlines()[0][:80]})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -74,7 +83,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is not one (or is cut short)
+            why = "it is corrupt, truncated or not a PyTorch file"
+        elif "weights_only" in str(e) or "Unsupported global" in str(e):
             why = "it holds pickled objects, not just weights, and is refused for safety"
         else:
             why = f"it is corrupt or not a PyTorch file ({first})"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich import box
@@ -32,6 +34,27 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log what t
 def _fail(e: Exception, code: int = 2) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
+
+
+@contextmanager
+def _user_errors(interrupted: str) -> Iterator[None]:
+    """What a user may cause becomes one line on stderr: exit 2 for bad input (an EdgekdError, or
+    a file system that refuses a write), 130 for Ctrl-C with ``interrupted`` saying what was kept."""
+    try:
+        yield
+    except EdgekdError as e:
+        raise _fail(e) from None
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise _fail(EdgekdError(f"cannot write {e.filename or 'a file'}: {e.strerror}; free disk space or "
+                                "choose another output folder")) from None
+    except KeyboardInterrupt:
+        raise _fail(EdgekdError(f"interrupted; {interrupted}"), 130) from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EEXIST}
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -105,7 +128,7 @@ def distill(
     from edgekd.distill.stage import distill as run_distill
     from edgekd.recipe import load_recipe
 
-    try:
+    with _user_errors("finished epochs are saved, continue with --resume"):
         overrides = {
             "distill.method": method, "student.epochs": epochs,
             "teacher.epochs": teacher_epochs if teacher_epochs is not None else epochs,
@@ -117,10 +140,6 @@ def distill(
         out_dir = out or Path("runs") / rec.name
         with _RichProgress() as progress:
             result = run_distill(rec, out_dir, resume=resume, progress=progress)
-    except EdgekdError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        raise _fail(EdgekdError("interrupted; finished epochs are saved, continue with --resume"), 130) from None
     m = result.metrics
     table = Table(title=f"edgekd distill: {rec.name} ({m['method']}) on {m['dataset']['name']}")
     for col in ("model", "arch", "params", "test top-1 %", "shifted top-1 %"):
@@ -145,17 +164,16 @@ def export(
     dynamic_batch: bool = typer.Option(False, help="also write ONNX files with a dynamic batch axis"),
     converter: str = typer.Option("onnx2tf", help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
                                   "litert-torch (no TensorFlow, NCHW input)"),
+    samples: int = typer.Option(1000, help="test images (with labels) stored in the export dir for the bench"),
 ) -> None:
     """Write ONNX and TFLite (fp32, int8, ...) artifacts into RUN_DIR/export and score each on the test set."""
     from edgekd.export import export as run_export
 
-    try:
+    with _user_errors("finished artifacts are kept; export.json is written when all are done"):
         with console.status("exporting and scoring artifacts..."):
             result = run_export(run_dir, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                                 int8=int8, calib=calib, max_int8_drop=max_int8_drop, dynamic_batch=dynamic_batch,
-                                converter=converter)
-    except EdgekdError as e:
-        raise _fail(e) from None
+                                converter=converter, samples=samples)
     table = Table(title=f"edgekd export: {result.export_dir}")
     table.add_column("artifact", no_wrap=True, min_width=22)
     for col in ("size KB", "convert s", "max |dlogit|", "agree %", "test top-1 %"):
@@ -173,9 +191,11 @@ def export(
 
 
 def _bench_table(report: dict[str, Any]) -> None:
-    for host, h in report["hosts"].items():
+    from edgekd.bench import board_name, ok_hosts
+
+    for host, h in ok_hosts(report).items():
         m = h["machine"]
-        table = Table(title=f"edgekd bench: {host} ({m.get('board') or m.get('cpu')}, {m.get('arch')}, "
+        table = Table(title=f"edgekd bench: {host} ({board_name(m)}, {m.get('arch')}, "
                             f"{report['threads']} threads, {report['runs']} runs)",
                       box=box.SIMPLE_HEAD, padding=(0, 0, 0, 1), pad_edge=False)  # fits 80 columns
         table.add_column("model", no_wrap=True)
@@ -254,16 +274,12 @@ def bench(
     """Time and score the student (int8, fp32) against the teacher on boards over SSH, or here."""
     from edgekd.bench import bench as run_bench
 
-    try:
+    with _user_errors("the remote temp dirs were removed"):
         with console.status(f"benchmarking on {', '.join(host) or 'this machine'}..."):
             result = run_bench(export_dir, device, tuple(host),
                                ssh=_ssh_options(port, identity, known_hosts, accept_new_host_key), python=python,
                                threads=threads, runs=runs, warmup=warmup, samples=samples, timeout=timeout,
                                remote_tmp=remote_tmp)
-    except EdgekdError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        raise _fail(EdgekdError("interrupted; the remote temp dirs were removed"), 130) from None
     _bench_table(result.report)
     console.print(f"wrote {', '.join(str(f) for f in result.files)}")
 
@@ -297,13 +313,11 @@ def gate(
     """Pass/fail on size, latency and accuracy: exit 0 pass, 1 fail, 2 bad input."""
     from edgekd.gate import gate as run_gate
 
-    try:
+    with _user_errors("nothing was written"):
         thresholds = _thresholds(recipe, max_size_mb=max_size_mb, max_p50_ms=max_p50_ms, max_p90_ms=max_p90_ms,
                                  min_accuracy=min_accuracy, max_latency_ratio=max_latency_ratio,
                                  max_int8_drop=max_int8_drop)
         result = run_gate(bench_json, thresholds)
-    except EdgekdError as e:
-        raise _fail(e) from None
     raise typer.Exit(_gate_report(result))
 
 
@@ -322,16 +336,12 @@ def run(
     from edgekd.pipeline import run as run_chain
     from edgekd.recipe import load_recipe
 
-    try:
+    with _user_errors("run the same command again to continue where it stopped"):
         rec = load_recipe(recipe, _parse_sets(set_))
         out_dir = out or Path("runs") / rec.name
         ssh = _ssh_options(port or rec.bench.port, identity, known_hosts, accept_new_host_key)
         with _RichProgress() as progress:
             result = run_chain(rec, out_dir, hosts=tuple(host), ssh=ssh, progress=progress)
-    except EdgekdError as e:
-        raise _fail(e) from None
-    except KeyboardInterrupt:
-        raise _fail(EdgekdError("interrupted; run the same command again to continue where it stopped"), 130) from None
     s = result.metrics["student"]
     console.print(f"student {s['arch']}: test top-1 {s['test_top1']:.2f}% (PyTorch)", highlight=False)
     for name, a in result.export_report["artifacts"].items():

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from edgekd import __version__
+from edgekd.bench import SAMPLES_FILE
 from edgekd.checkpoint import atomic_path, load_checkpoint, write_json
 from edgekd.data import gather, load_dataset
 from edgekd.distill.stage import build_from_checkpoint
@@ -217,14 +218,31 @@ def quantize_weights(fp32_path: Path, path: Path, kind: str) -> None:
         result.export_model(str(tmp), overwrite=True)
 
 
+# onnx2tf checks every 3-channel (RGB-looking) model on 20 sample images that it downloads
+# unless this file is in its working directory, even when handed calibration data.
+ONNX2TF_SAMPLE_FILE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _onnx2tf_sample_file(images: torch.Tensor, mean: list[float], std: list[float], path: Path) -> None:
+    """onnx2tf's sample-image file made from our own real images (normalised NCHW): 20 x 128 x
+    128 x 3 float32 in [0, 1], the shape and range it expects (it resizes them to the input)."""
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    unit = (images[:20].float() * s + m).clamp(0, 1)
+    unit = unit.repeat((20 + len(unit) - 1) // len(unit), 1, 1, 1)[:20]
+    unit = torch.nn.functional.interpolate(unit, size=(128, 128), mode="bilinear", align_corners=False)
+    np.save(path, unit.permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32))
+
+
 def convert_onnx2tf(onnx_path: Path, out_dir: Path, calib: torch.Tensor | None, mean: list[float],
-                    std: list[float]) -> dict[str, Path]:
+                    std: list[float], sample: torch.Tensor | None = None) -> dict[str, Path]:
     """TFLite files from an ONNX file with onnx2tf (TensorFlow), run as a subprocess.
 
     With ``calib`` (normalised NCHW images) it also writes full-integer int8 (per-channel,
     int8 input and output), calibrated on those images: they are handed over as an NHWC .npy in
-    [0, 1] with the mean/std, so onnx2tf never downloads its sample images. Returns the
-    variant → file map (fp32, fp16, and with calibration dynamic and int8); inputs are NHWC.
+    [0, 1] with the mean/std. For 3-channel models onnx2tf also wants sample images of its own:
+    they are made from ``sample`` (else ``calib``), so onnx2tf never touches the network.
+    Returns the variant → file map (fp32, fp16, and with calibration dynamic and int8); inputs
+    are NHWC.
     """
     beside = Path(sys.executable).with_name("onnx2tf")  # the venv's own, before any on PATH
     exe = str(beside) if beside.is_file() else shutil.which("onnx2tf")
@@ -235,6 +253,11 @@ def convert_onnx2tf(onnx_path: Path, out_dir: Path, calib: torch.Tensor | None, 
     src.parent.mkdir()
     shutil.copyfile(onnx_path, src)
     cmd = [exe, "-i", str(src), "-o", str(out_dir), "-n"]
+    images = sample if sample is not None else calib
+    if len(mean) == 3:
+        if images is None:
+            raise EdgekdError(f"onnx2tf needs sample images for the 3-channel {onnx_path.name}; pass some")
+        _onnx2tf_sample_file(images, mean, std, out_dir / ONNX2TF_SAMPLE_FILE)
     if calib is not None:
         m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         unit = (calib * s + m).permute(0, 2, 3, 1).contiguous().numpy().astype(np.float32)  # NHWC in [0, 1]
@@ -264,13 +287,15 @@ def _parity(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
 
 def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite"), int8: bool = True,
            calib: int = 500, max_int8_drop: float = 1.0, dynamic_batch: bool = False, parity_images: int = 256,
-           converter: str = "onnx2tf") -> ExportResult:
+           converter: str = "onnx2tf", samples: int = 1000) -> ExportResult:
     """Export the student (and the teacher, when the run trained one) of ``run_dir``.
 
     ``formats``: onnx, tflite (fp32), fp16, dynamic; ``int8`` adds the full-integer student.
     The teacher gets ONNX and fp32 TFLite only: the bench compares the student against it.
     ``converter``: onnx2tf (default: int8 within 0.1 pt of fp32 on the quick student, measured in
     benchmarks/export_converters.md) or litert-torch (no TensorFlow, NCHW input, -0.6 pt there).
+    ``samples``: this many test images (seeded order) with their labels go into ``samples.npz``,
+    the images ``edgekd bench`` scores on the board: the export dir is all the bench needs.
     """
     run_dir = Path(run_dir)
     unknown = [f for f in formats if f not in FORMATS]
@@ -283,6 +308,8 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
         raise EdgekdError(f"{run_dir}: no student_best.pt; run 'edgekd distill RECIPE --out {run_dir}' first")
     if calib < 1:
         raise EdgekdError("--calib must be at least 1 image")
+    if samples < 1:
+        raise EdgekdError("--samples must be at least 1 image")
     variants = [TFLITE_VARIANTS[f] for f in formats if f in TFLITE_VARIANTS] + (["int8"] if int8 else [])
     _check_imports(formats, bool(variants), converter)
     roles = {"student": student_path}
@@ -301,7 +328,13 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
             raise EdgekdError(f"{run_dir}: no training images to calibrate int8 with; check the recipe's data section")
         calib_x = prepare_batch(calib_u8, torch.tensor(mean), torch.tensor(std))
     out_dir = run_dir / "export"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgekdError(f"{out_dir} is a file, not a folder; move it away so export can write there")
     out_dir.mkdir(parents=True, exist_ok=True)
+    bench_u8, bench_y = gather(data.test, samples, seed=0)
+    with atomic_path(out_dir / SAMPLES_FILE) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=bench_u8.numpy().astype(np.uint8), labels=bench_y.numpy().astype(np.int64))
     artifacts: dict[str, dict[str, Any]] = {}
     sidecars, zeroed = [], {}
     for role, ckpt in ckpts.items():
@@ -315,7 +348,7 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
         with tempfile.TemporaryDirectory(prefix=f".{role}-", dir=out_dir) as work:
             made = _convert(role, model, sample, calib_x, mean, std, Path(work),
                             onnx="onnx" in formats, dynamic_batch=dynamic_batch, tflite=role_variants,
-                            converter=converter)
+                            converter=converter, sample_images=torch.from_numpy(test_x[:20].copy()))
             for name, (tmp, fmt, convert_s) in made.items():
                 path = out_dir / name
                 logits = (onnx_runner if fmt == "onnx" else tflite_runner)(tmp)(test_x)  # parity + top-1, one pass
@@ -356,6 +389,7 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
               "converters": {"onnx": "torch.onnx (opset 17)",
                              "tflite": "litert-torch (PT2E int8)" if converter == "litert-torch" else "onnx2tf"},
               "calibration_images": int(len(calib_x)) if calib_x is not None else 0,
+              "samples": {"file": SAMPLES_FILE, "images": int(len(bench_y)), "split": "test", "order_seed": 0},
               "dead_channels_zeroed": zeroed, "int8_drop_top1": drop, "max_int8_drop": max_int8_drop,
               "artifacts": artifacts}
     write_json(out_dir / "export.json", report)
@@ -365,7 +399,7 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
 
 def _convert(role: str, model: nn.Module, sample: torch.Tensor, calib_x: torch.Tensor | None, mean: list[float],
              std: list[float], work: Path, *, onnx: bool, dynamic_batch: bool, tflite: list[str],
-             converter: str) -> dict[str, tuple[Path, str, float]]:
+             converter: str, sample_images: torch.Tensor) -> dict[str, tuple[Path, str, float]]:
     """Every artifact of one model, converted into ``work``: name → (file, format, seconds)."""
     made: dict[str, tuple[Path, str, float]] = {}
 
@@ -392,7 +426,7 @@ def _convert(role: str, model: nn.Module, sample: torch.Tensor, calib_x: torch.T
     if converter == "onnx2tf":
         t0 = time.perf_counter()
         files = convert_onnx2tf(onnx_file, work, calib_x if "int8" in tflite or "dynamic" in tflite else None,
-                                mean, std)
+                                mean, std, sample_images)
         seconds = time.perf_counter() - t0  # one run writes every variant
         for v in tflite:
             made[f"{role}_{v}.tflite"] = (files[v], f"tflite_{v}", seconds)

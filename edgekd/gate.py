@@ -68,6 +68,9 @@ def gate(bench_json: str | Path, thresholds: GateConfig) -> GateResult:
     result = GateResult()
     try:
         for host, h in report["hosts"].items():
+            if h.get("status", "ok") != "ok":  # a board whose bench failed fails the gate
+                result.checks.append(Check(f"bench finished ({h.get('error', 'failed')})", host, None, 1, "min"))
+                continue
             student = h["models"][h["student"]]
             lat = student["latency_ms"]
             if t.max_size_mb is not None:

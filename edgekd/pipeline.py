@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekd.bench import SSHOptions, bench
+from edgekd.bench import SAMPLES_FILE, SSHOptions, bench, ok_hosts
 from edgekd.distill.stage import Progress, _recipe_diff, distill
 from edgekd.errors import EdgekdError
 from edgekd.export import TFLITE_VARIANTS, _sha256, export
@@ -37,7 +37,7 @@ class RunResult:
 def _current_export(run_dir: Path, cfg: ExportConfig) -> dict[str, Any] | None:
     """export.json when it was made from this student_best.pt with the recipe's export settings, else None."""
     out = run_dir / "export"
-    if not (out / "export.json").is_file() or not (out / "student.model.json").is_file():
+    if not all((out / f).is_file() for f in ("export.json", "student.model.json", SAMPLES_FILE)):
         return None
     if json.loads((out / "student.model.json").read_text()).get("source_sha256") != _sha256(run_dir / "student_best.pt"):
         return None
@@ -72,7 +72,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
         stages["export"] = "skipped (export.json matches student_best.pt and the export: section)"
     else:
         result = export(run_dir, formats=tuple(e.formats), int8=e.int8, calib=e.calib,
-                        max_int8_drop=e.max_int8_drop, converter=e.converter)
+                        max_int8_drop=e.max_int8_drop, converter=e.converter, samples=e.samples)
         export_report = result.report
         stages["export"] = "ran"
     drop = export_report.get("int8_drop_top1")
@@ -88,8 +88,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     bench_report = None
     if bench_json.is_file() and bench_json.stat().st_mtime > (export_dir / "export.json").stat().st_mtime:
         bench_report = json.loads(bench_json.read_text())
-        if set(bench_report["hosts"]) != (set(hosts) or {"local"}):
-            bench_report = None  # benched elsewhere: bench again
+        if set(ok_hosts(bench_report)) != (set(hosts) or {"local"}):
+            bench_report = None  # benched elsewhere, or a host failed: bench again
     if bench_report is not None:
         stages["bench"] = "skipped (bench.json is newer than export.json)"
     else:

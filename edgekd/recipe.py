@@ -6,12 +6,14 @@ Unknown keys and wrong types are refused with one line that names the key and th
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from edgekd.distill.methods import METHODS  # the registry is the source of valid names
 from edgekd.errors import EdgekdError
 
 
@@ -23,81 +25,97 @@ class AugmentConfig(_Strict):
     """Batch augmentation applied on the training device (see ``edgekd.data.augment``)."""
 
     crop_padding: int = Field(2, ge=0, description="random translation of up to this many pixels")
-    hflip: bool = True
-    rotation_deg: float = Field(10.0, ge=0, le=180)
+    hflip: bool = Field(True, description="random horizontal flip")
+    rotation_deg: float = Field(10.0, ge=0, le=180, description="random rotation in [-deg, deg]")
     brightness: float = Field(0.2, ge=0, lt=1, description="multiply by U(1-b, 1+b)")
 
 
 class DataConfig(_Strict):
-    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"] = "fashion_mnist"
+    """The data set, its size and split; nothing is ever downloaded."""
+
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagefolder"] = Field(
+        "fashion_mnist", description="imagefolder: ROOT/train/<class>/ and ROOT/val/<class>/ (or test/)")
     root: str | None = Field(None, description="data directory; None = the dataset's default place")
-    image_size: int = Field(32, ge=8, le=512)
+    image_size: int = Field(32, ge=8, le=512, description="images are resized to this square size, pixels")
     train_subset: int | None = Field(None, ge=10, description="use this many training images (seeded)")
     test_subset: int | None = Field(None, ge=10, description="use this many test images (seeded)")
-    val_fraction: float = Field(0.1, ge=0, lt=0.5)
-    augment: AugmentConfig = AugmentConfig()
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of the training images held out for "
+                                "validation (best-epoch choice)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     shifted_canvas: float = Field(2.0, ge=1.0, le=4.0, description="shifted test: canvas size / image size")
     num_workers: int = Field(2, ge=0, description="loader workers for ImageFolder trees")
+    skip_unreadable: bool = Field(False, description="ImageFolder: skip files that are not readable images "
+                                  "(counted in metrics.json) instead of stopping")
 
 
 class TeacherConfig(_Strict):
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    """The teacher: trained here, loaded from a checkpoint, or torchvision's ImageNet weights."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet50", description="teacher architecture")
     width: int = Field(64, ge=4, description="channels of the first ResNet stage (64 = torchvision's)")
     pretrained: bool = Field(False, description="start from torchvision ImageNet weights (downloads)")
     checkpoint: str | None = Field(None, description="use this trained teacher instead of training one")
-    epochs: int = Field(30, ge=0)
+    epochs: int = Field(30, ge=0, description="teacher training epochs (0 with pretrained: use as is)")
     lr: float | None = Field(None, gt=0, description="teacher learning rate; None = train.lr")
 
 
 class StudentConfig(_Strict):
-    arch: Literal["mobilenet_v2"] = "mobilenet_v2"
-    width_mult: float = Field(1.0, gt=0, le=2.0)
-    epochs: int = Field(30, ge=1)
+    """The small model that goes to the board."""
+
+    arch: Literal["mobilenet_v2"] = Field("mobilenet_v2", description="student architecture")
+    width_mult: float = Field(1.0, gt=0, le=2.0, description="MobileNetV2 channel multiplier")
+    epochs: int = Field(30, ge=1, description="student training epochs")
 
 
 class DistillConfig(_Strict):
-    method: str = "atkd"
+    """How the student learns from the teacher: the method and its loss weights."""
+
+    method: str = Field("atkd", description="ce, kd, at, atkd, atkd-sa or fitnet (see the README)")
     w_ce: float = Field(1.0, ge=0, description="weight of cross-entropy on the labels")
     alpha: float = Field(0.9, ge=0, description="weight of the KD term (Hinton)")
-    temperature: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of the KD term")
     beta: float = Field(1000.0, ge=0, description="weight of the attention term (Zagoruyko: ~1000)")
     p: float = Field(2.0, gt=0, description="attention map exponent: mean_c |f|^p")
     fitnet_weight: float = Field(1.0, ge=0, description="weight of the FitNet hint term")
 
 
 class TrainConfig(_Strict):
-    batch_size: int = Field(128, ge=1)
-    eval_batch_size: int = Field(512, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """The optimiser and the loop, shared by teacher and student."""
+
+    batch_size: int = Field(128, ge=1, description="training batch size")
+    eval_batch_size: int = Field(512, ge=1, description="batch size for evaluation")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd is SGD with Nesterov momentum")
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
+    schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="learning-rate schedule")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when visible, else cpu")
 
 
 class ExportConfig(_Strict):
     """What ``edgekd run`` exports (the flags of ``edgekd export``)."""
 
-    formats: list[Literal["onnx", "tflite", "fp16", "dynamic"]] = ["onnx", "tflite"]
-    int8: bool = True
+    formats: list[Literal["onnx", "tflite", "fp16", "dynamic"]] = Field(
+        default_factory=lambda: ["onnx", "tflite"], description="tflite is fp32; fp16 and dynamic are weight-only")
+    int8: bool = Field(True, description="also write the full-integer int8 student")
     calib: int = Field(500, ge=1, description="training images to calibrate int8 with")
     max_int8_drop: float = Field(1.0, description="fail when int8 loses more top-1 points than this")
-    converter: Literal["onnx2tf", "litert-torch"] = "onnx2tf"
+    converter: Literal["onnx2tf", "litert-torch"] = Field("onnx2tf", description="TFLite converter")
+    samples: int = Field(1000, ge=1, description="test images (with labels) stored in the export dir for the bench")
 
 
 class BenchConfig(_Strict):
     """Where and how ``edgekd run`` benchmarks (the flags of ``edgekd bench``)."""
 
-    device: Literal["local", "rpi4", "rpi5", "generic-arm64"] = "local"
+    device: Literal["local", "rpi4", "rpi5", "generic-arm64"] = Field("local", description="device profile")
     hosts: list[str] = Field(default_factory=list, description="USER@HOST or ~/.ssh/config aliases")
-    port: int | None = Field(None, ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=65535, description="SSH port; None = 22 or ~/.ssh/config")
     python: str | None = Field(None, description="the board's Python [default: python3]")
     threads: int | None = Field(None, ge=1, description="default: the device profile's")
-    runs: int = Field(200, ge=1)
-    warmup: int = Field(20, ge=0)
-    samples: int = Field(500, ge=1, description="test images scored on the board")
+    runs: int = Field(200, ge=1, description="timed invokes per model")
+    warmup: int = Field(20, ge=0, description="untimed invokes first")
+    samples: int = Field(500, ge=1, description="test images scored on the board (at most export.samples)")
     timeout: float = Field(300, gt=0, description="seconds per model run")
 
 
@@ -105,24 +123,24 @@ class GateConfig(_Strict):
     """CI thresholds for ``edgekd gate``; a field left out is not checked."""
 
     max_size_mb: float | None = Field(None, gt=0, description="student file size, MB (10^6 bytes)")
-    max_p50_ms: float | None = Field(None, gt=0)
-    max_p90_ms: float | None = Field(None, gt=0)
+    max_p50_ms: float | None = Field(None, gt=0, description="student median latency on the board, ms")
+    max_p90_ms: float | None = Field(None, gt=0, description="student p90 latency on the board, ms")
     min_accuracy: float | None = Field(None, ge=0, le=1, description="student top-1 on the board, 0..1")
     max_latency_ratio: float | None = Field(None, gt=0, description="student p50 / teacher p50, same run")
     max_int8_drop: float | None = Field(None, description="int8 vs fp32 top-1 points, from export.json")
 
 
 class Recipe(_Strict):
-    name: str = "recipe"
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    student: StudentConfig = StudentConfig()
-    distill: DistillConfig = DistillConfig()
-    train: TrainConfig = TrainConfig()
-    export: ExportConfig = ExportConfig()
-    bench: BenchConfig = BenchConfig()
-    gate: GateConfig = GateConfig()
+    name: str = Field("recipe", description="default run directory: runs/<name>")
+    seed: int = Field(0, description="seeds data splits, initialisation, batch order and augmentation")
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
 
 def _first_error(err: ValidationError) -> str:
@@ -165,8 +183,6 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise EdgekdError(f"recipe {path}: {_first_error(e)}; fix it or see recipes/README.md") from None
-    from edgekd.distill.methods import METHODS  # the registry is the source of valid names
-
     if recipe.distill.method not in METHODS:
         raise EdgekdError(
             f"recipe {path}: key 'distill.method': unknown method '{recipe.distill.method}'; "
@@ -175,9 +191,49 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     return recipe
 
 
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if not getattr(annotation, "__args__", None) else None
+    text = text or str(annotation)
+    for noise in ("typing.", "NoneType"):
+        text = text.replace(noise, "None" if noise == "NoneType" else "")
+    return text.replace("|", "or").replace("Literal", "one of ").replace("'", "")
+
+
+def reference_markdown() -> str:
+    """recipes/README.md: every recipe key, its type, default and meaning, from the models above
+    (``python -m edgekd.recipe > recipes/README.md``; a test keeps the file equal to this)."""
+    lines = ["# Recipe reference", "",
+             "Generated from `edgekd/recipe.py` by `python -m edgekd.recipe > recipes/README.md`; do not edit.",
+             "A recipe is YAML read with `yaml.safe_load`; every key has a default, so a recipe only says what",
+             "differs. Unknown keys and wrong types stop with one line naming the key. Override any key from the",
+             "command line with `--set section.key=value`.", ""]
+
+    def section(title: str, model: type[BaseModel], prefix: str) -> None:
+        doc = " ".join((model.__doc__ or "").split()) if model is not Recipe else "Top-level keys."
+        lines.extend([f"## `{title}`", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"])
+        nested = []
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                nested.append((name, ann))
+                continue
+            default = json.dumps(f.get_default(call_default_factory=True))
+            lines.append(f"| `{prefix}{name}` | {_type_name(ann)} | `{default}` | {f.description or ''} |")
+        lines.append("")
+        for name, sub in nested:
+            section(f"{prefix}{name}", sub, f"{prefix}{name}.")
+
+    section("top level", Recipe, "")
+    return "\n".join(lines)
+
+
 def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a recipe stored in a checkpoint or report."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise EdgekdError(f"stored recipe: {_first_error(e)}") from None
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -11,9 +11,6 @@ import torch.nn as nn
 from edgekd.checkpoint import atomic_path
 from edgekd.distill.losses import attention_map, match_spatial
 from edgekd.models import FeatureTaps, StagePair
-
-if TYPE_CHECKING:
-    from edgekd.distill.stage import _Ctx
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -105,17 +102,16 @@ def plot_attention(teacher: nn.Module, student: nn.Module, pairs: list[StagePair
 
 
 def write_plots(run_dir: Path, metrics: dict[str, Any], teacher: nn.Module | None, student: nn.Module,
-                pairs: list[StagePair], ctx: "_Ctx") -> list[Path]:
+                pairs: list[StagePair], class_names: list[str], images_u8: torch.Tensor,
+                x: torch.Tensor) -> list[Path]:
+    """curves.png, confusion.png and (with a teacher and stage pairs) attention.png, the last
+    on ``images_u8`` (a few test images) and ``x`` (the same, normalised)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from edgekd.train import prepare_batch
-
     files = [plot_curves(metrics, run_dir / "curves.png"),
-             plot_confusion(metrics["student"]["confusion_matrix"], ctx.data.class_names,
+             plot_confusion(metrics["student"]["confusion_matrix"], class_names,
                             run_dir / "confusion.png", f"student ({metrics['method']}) on the test set")]
     if teacher is not None and pairs:
-        images, _ = next(iter(ctx.data.test.batches(6, ctx.device)))
-        x = prepare_batch(images, ctx.mean, ctx.std)
-        files.append(plot_attention(teacher, student, pairs, images, x, run_dir / "attention.png"))
+        files.append(plot_attention(teacher, student, pairs, images_u8, x, run_dir / "attention.png"))
     return files

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from edgekd.cli import app
 
 from edgekd.data.sources import DEBIAN_FASHION_MNIST
 
@@ -55,3 +65,119 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = distill(recipe, d / "run")
     assert result.teacher_checkpoint is not None and result.teacher_checkpoint.is_file()
     return result.teacher_checkpoint
+
+
+def one_line_error(r: Any, code: int = 2) -> str:
+    """The CLI's contract for bad input: exit ``code``, one 'error:' line on stderr, no traceback."""
+    assert r.exit_code == code, r.output + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.output + r.stderr
+    return lines[0]
+
+
+def write_rgb_imagefolder(root: Path, classes: int = 3, train: int = 40, val: int = 12, size: int = 20) -> Path:
+    """An ImageFolder tree of real RGB PNGs: Fashion-MNIST images, each class its own colour, so a
+    3-channel model has something real to learn and the files are real image files."""
+    from PIL import Image
+
+    from edgekd.data.sources import load_fashion_mnist
+
+    raw = load_fashion_mnist(None)
+    tints = [(1.0, 0.4, 0.2), (0.2, 1.0, 0.4), (0.3, 0.5, 1.0), (1.0, 1.0, 0.2)]
+    for split, n, source_x, source_y in (("train", train, raw.train_x, raw.train_y),
+                                         ("val", val, raw.test_x, raw.test_y)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            idx = (source_y == c).nonzero().flatten()[:n]
+            for i, k in enumerate(idx.tolist()):
+                gray = source_x[k, 0].numpy().astype(np.float32)
+                rgb = np.stack([gray * t for t in tints[c]], -1).clip(0, 255).astype(np.uint8)
+                Image.fromarray(rgb, "RGB").resize((size, size)).save(folder / f"{i}.png")
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+class SSHD:
+    def __init__(self, root: Path):
+        self.root, self.port, self.user = root, _free_port(), getpass.getuser()
+        self.host_pub = _keygen(root / "host_ed25519")
+        client_pub = _keygen(root / "client_ed25519")
+        self.key = root / "client_ed25519"
+        (root / "authorized_keys").write_text(client_pub + "\n")
+        self.known_hosts = root / "known_hosts"
+        self.known_hosts.write_text(self.known_line(self.host_pub))
+        (root / "sshd_config").write_text("\n".join([
+            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_ed25519'}",
+            f"PidFile {root / 'sshd.pid'}", f"AuthorizedKeysFile {root / 'authorized_keys'}",
+            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "",
+        ]))
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+        self.log = open(root / "sshd.log", "wb")
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")],
+                                     stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("sshd did not start: " + (root / "sshd.log").read_text()[-2000:]) from None
+                time.sleep(0.1)
+
+    @property
+    def host(self) -> str:
+        return f"{self.user}@127.0.0.1"
+
+    def known_line(self, pub: str) -> str:
+        return f"[127.0.0.1]:{self.port} {' '.join(pub.split()[:2])}\n"
+
+    def args(self, known_hosts: Path | None = None, key: Path | None = None) -> list[str]:
+        return ["--host", self.host, "--port", str(self.port), "--identity", str(key or self.key),
+                "--known-hosts", str(known_hosts or self.known_hosts)]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    if shutil.which("ssh") is None or not Path("/usr/sbin/sshd").is_file():
+        pytest.fail("OpenSSH is missing: apt-get install openssh-server openssh-client (.ci/install does this)")
+    server = SSHD(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """``edgekd run`` on a tiny recipe: distil, export (onnx2tf), bench here, gate. Run once per session."""
+    d = tmp_path_factory.mktemp("chain")
+    # 2,000 images and a few epochs: a student that is right about half the time, so accuracy
+    # checks on the board mean something.
+    recipe = write_recipe(d / "tiny.yaml", data={"train_subset": 2000}, teacher={"epochs": 2},
+                          student={"epochs": 3}, distill={"method": "kd"}, export={"formats": ["onnx", "tflite"], "calib": 32, "max_int8_drop": 100},
+                          bench={"runs": 20, "warmup": 2, "samples": 200},
+                          gate={"max_size_mb": 5, "min_accuracy": 0.3})
+    run_dir = d / "run"
+    r = CliRunner().invoke(app, ["run", str(recipe), "--out", str(run_dir)], env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output + r.stderr
+    return recipe, run_dir, r.output
+
+

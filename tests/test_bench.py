@@ -7,13 +7,11 @@ run of the whole chain on real Fashion-MNIST (``edgekd run``), exported with the
 
 from __future__ import annotations
 
-import getpass
 import io
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -30,94 +28,10 @@ from edgekd.bench import SSHOptions, _bundle, bench
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
 
-if shutil.which("ssh") is None or not Path("/usr/sbin/sshd").is_file():
-    pytest.fail("OpenSSH is missing: apt-get install openssh-server openssh-client (.ci/install does this)")
-
-from conftest import REPO, write_recipe  # noqa: E402
+from conftest import REPO, _free_port, _keygen, one_line_error as _one_line_error  # noqa: E402
 
 RUNNER = REPO / "deploy" / "edgekd_runner.py"
 ODD = "it's a \"quoted\" dir $HOME;"  # spaces, quotes and shell syntax in file names
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> str:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path.with_suffix(".pub").read_text().strip()
-
-
-class SSHD:
-    def __init__(self, root: Path):
-        self.root, self.port, self.user = root, _free_port(), getpass.getuser()
-        self.host_pub = _keygen(root / "host_ed25519")
-        client_pub = _keygen(root / "client_ed25519")
-        self.key = root / "client_ed25519"
-        (root / "authorized_keys").write_text(client_pub + "\n")
-        self.known_hosts = root / "known_hosts"
-        self.known_hosts.write_text(self.known_line(self.host_pub))
-        (root / "sshd_config").write_text("\n".join([
-            f"Port {self.port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_ed25519'}",
-            f"PidFile {root / 'sshd.pid'}", f"AuthorizedKeysFile {root / 'authorized_keys'}",
-            "PubkeyAuthentication yes", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no", "",
-        ]))
-        if os.geteuid() == 0:
-            Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-        self.log = open(root / "sshd.log", "wb")
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(root / "sshd_config")],
-                                     stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("sshd did not start: " + (root / "sshd.log").read_text()[-2000:]) from None
-                time.sleep(0.1)
-
-    @property
-    def host(self) -> str:
-        return f"{self.user}@127.0.0.1"
-
-    def known_line(self, pub: str) -> str:
-        return f"[127.0.0.1]:{self.port} {' '.join(pub.split()[:2])}\n"
-
-    def args(self, known_hosts: Path | None = None, key: Path | None = None) -> list[str]:
-        return ["--host", self.host, "--port", str(self.port), "--identity", str(key or self.key),
-                "--known-hosts", str(known_hosts or self.known_hosts)]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = SSHD(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """``edgekd run`` on a tiny recipe: distil, export (onnx2tf), bench here, gate. Run once per module."""
-    d = tmp_path_factory.mktemp("chain")
-    # 2,000 images and a few epochs: a student that is right about half the time, so accuracy
-    # checks on the board mean something.
-    recipe = write_recipe(d / "tiny.yaml", data={"train_subset": 2000}, teacher={"epochs": 2},
-                          student={"epochs": 3}, distill={"method": "kd"}, export={"formats": ["onnx", "tflite"], "calib": 32, "max_int8_drop": 100},
-                          bench={"runs": 20, "warmup": 2, "samples": 200},
-                          gate={"max_size_mb": 5, "min_accuracy": 0.3})
-    run_dir = d / "run"
-    r = CliRunner().invoke(app, ["run", str(recipe), "--out", str(run_dir)], env={"COLUMNS": "120"})
-    assert r.exit_code == 0, r.output + r.stderr
-    return recipe, run_dir, r.output
 
 
 @pytest.fixture
@@ -140,13 +54,6 @@ def remote_tmp(tmp_path):
 def _bench(export_dir: Path, *args: str) -> object:
     return CliRunner().invoke(app, ["bench", str(export_dir), "--runs", "10", "--warmup", "1", "--samples", "50",
                                     *args], env={"COLUMNS": "120"})
-
-
-def _one_line_error(r, code: int = 2) -> str:
-    assert r.exit_code == code, r.output + r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    return lines[0]
 
 
 def _runner_pids(marker: str) -> list[int]:
@@ -345,7 +252,7 @@ def test_bench_bad_input(chain, tmp_path):
 def test_runner_standalone_with_onnxruntime(chain, tmp_path):
     """The runner on its own: the ONNX path, and a corrupt model as one JSON error line."""
     export_dir = chain[1] / "export"
-    with tarfile.open(fileobj=io.BytesIO(_bundle(export_dir, ("student_int8.tflite",), 20, 0))) as tar:
+    with tarfile.open(fileobj=io.BytesIO(_bundle(export_dir, ("student_int8.tflite",), 20)[0])) as tar:
         tar.extractall(tmp_path, filter="data")
     with np.load(tmp_path / "samples.npz") as s:
         assert s["images"].dtype == np.uint8 and s["images"].shape == (20, 1, 16, 16) and len(s["labels"]) == 20
@@ -385,3 +292,43 @@ def test_gate_exit_codes_and_step_summary(chain, tmp_path):
     (tmp_path / "junk.json").write_text("{not json")
     assert "not valid JSON" in _one_line_error(CliRunner().invoke(app, ["gate", str(tmp_path / "junk.json"),
                                                                         "--max-p50-ms", "1"]))
+
+
+def test_one_failing_host_keeps_the_others_in_a_partial_bench_json(chain, sshd, odd_export, remote_tmp, tmp_path):
+    """Two boards, one of which refuses us (its host key is unknown): the other's results are kept,
+    each host has a status, the command still fails, and the gate fails on the partial report."""
+    bad = f"{sshd.user}@localhost"  # the same sshd under a name known_hosts does not know
+    args = ["--device", "rpi4", *sshd.args(), "--host", bad, "--python", sys.executable,
+            "--remote-tmp", str(remote_tmp)]
+    line = _one_line_error(_bench(odd_export, *args))
+    assert "bench failed on " + bad in line and "bench.json" in line
+    report = json.loads((odd_export / "bench.json").read_text())
+    assert report["hosts"][sshd.host]["status"] == "ok" and report["hosts"][sshd.host]["models"]
+    assert report["hosts"][bad]["status"] == "failed" and "known_hosts" in report["hosts"][bad]["error"]
+    assert "bench failed" in (odd_export / "report.md").read_text()
+    r = CliRunner().invoke(app, ["gate", str(odd_export), "--max-size-mb", "5"])
+    assert r.exit_code == 1 and "FAIL" in r.output
+    assert list(remote_tmp.iterdir()) == []
+
+
+def test_board_identity_has_one_source(monkeypatch):
+    """A Pi whose device tree is hidden (a container) still names its board from /proc/cpuinfo,
+    and the report title and the profile check read the same field."""
+    import importlib.util
+
+    from edgekd.bench import PROFILES, _profile_warnings, board_name
+
+    spec = importlib.util.spec_from_file_location("edgekd_runner", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    files = {"/proc/cpuinfo": "processor\t: 0\nBogoMIPS\t: 108.00\nCPU part\t: 0xd08\n"
+                              "Hardware\t: BCM2835\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n",
+             "/proc/device-tree/model": ""}
+    monkeypatch.setattr(runner, "_read", lambda path: files.get(path, ""))
+    info = runner.machine_info()
+    assert info["board"] == "Raspberry Pi 4 Model B Rev 1.4" and info["board_source"] == "cpuinfo"
+    assert info["cpu"] == "BCM2835" and board_name(info) == info["board"]
+    models = {"student_int8.tflite": {"machine": {**info, "arch": "aarch64"}, "threads": 4}}
+    assert _profile_warnings(PROFILES["rpi4"], models) == []
+    assert "Raspberry Pi 5" in _profile_warnings(PROFILES["rpi5"], models)[0]
+    assert info["board"] in _profile_warnings(PROFILES["rpi5"], models)[0]

@@ -178,3 +178,66 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path, exported):
     r = CliRunner().invoke(app, ["export", str(run), "--formats", "onnx", "--no-int8"])
     assert r.exit_code == 2 and "weights do not fit its architecture" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory):
+    """``edgekd run`` on an RGB ImageFolder recipe with the network cut: distil, export (onnx2tf,
+    which fetches sample images for 3-channel models unless edgekd hands it some), bench, gate."""
+    from conftest import tiny_recipe_dict, write_rgb_imagefolder
+
+    if not _can_unshare_network():
+        pytest.skip("this machine cannot run a process without network (unshare -n needs root)")
+    d = tmp_path_factory.mktemp("rgb")
+    root = write_rgb_imagefolder(d / "images", train=40, val=12, size=20)
+    recipe = tiny_recipe_dict(data={"dataset": "imagefolder", "root": str(root), "image_size": 16,
+                                    "train_subset": None, "test_subset": None, "num_workers": 0},
+                              distill={"method": "kd"}, train={"batch_size": 20},
+                              export={"formats": ["onnx", "tflite", "fp16", "dynamic"], "calib": 16,
+                                      "max_int8_drop": 100},
+                              bench={"runs": 5, "warmup": 1, "samples": 36}, gate={"max_size_mb": 5})
+    (d / "rgb.yaml").write_text(__import__("yaml").safe_dump(recipe))
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "edgekd", "run", str(d / "rgb.yaml"), "--out",
+                           str(d / "run")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return d / "run"
+
+
+def test_rgb_imagefolder_runs_offline(rgb_run):
+    report = json.loads((rgb_run / "export" / "export.json").read_text())
+    assert {"student_int8.tflite", "student_fp16.tflite", "student_dynamic.tflite",
+            "teacher_fp32.tflite"} <= set(report["artifacts"])
+    assert report["artifacts"]["student_int8.tflite"]["io"]["input_shape"] == [1, 16, 16, 3]
+    assert report["artifacts"]["student_fp32.tflite"]["parity"]["max_abs_logit_diff"] < 1e-3
+    bench = json.loads((rgb_run / "export" / "bench.json").read_text())
+    assert bench["hosts"]["local"]["status"] == "ok" and bench["samples"] == 36
+
+
+def test_litert_torch_export_of_rgb_model_offline(rgb_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(rgb_run / "student_best.pt", run)
+    proc = subprocess.run(["unshare", "-n", sys.executable, "-m", "edgekd", "export", str(run), "--converter",
+                           "litert-torch", "--formats", "tflite,fp16,dynamic", "--calib", "16",
+                           "--max-int8-drop", "100"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((run / "export" / "export.json").read_text())["artifacts"]
+    assert report["student_int8.tflite"]["io"]["input_shape"] == [1, 3, 16, 16]
+
+
+def test_copied_export_dir_benches_and_gates_on_its_own(rgb_run, tmp_path):
+    """The export dir is the deployable artifact: moved alone elsewhere (the run dir and the
+    images gone), it still benches and gates."""
+    copy = tmp_path / "artifact"
+    shutil.copytree(rgb_run / "export", copy)
+    (copy / "bench.json").unlink()
+    shutil.move(rgb_run.parent / "images", tmp_path / "images-away")  # the data set is not needed
+    try:
+        r = CliRunner().invoke(app, ["bench", str(copy), "--runs", "5", "--warmup", "1", "--samples", "30"])
+        assert r.exit_code == 0, r.output + r.stderr
+        bench = json.loads((copy / "bench.json").read_text())
+        assert bench["samples"] == 30 and bench["hosts"]["local"]["models"]["student_int8.tflite"]["samples"] == 30
+        r = CliRunner().invoke(app, ["gate", str(copy), "--max-size-mb", "5", "--max-int8-drop", "100"])
+        assert r.exit_code == 0, r.output + r.stderr
+    finally:
+        shutil.move(tmp_path / "images-away", rgb_run.parent / "images")

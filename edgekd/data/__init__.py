@@ -82,7 +82,15 @@ class FileSplit:
             num_workers=self.num_workers, drop_last=seed is not None and len(sub) >= batch_size,
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
-        for x, y in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            except EdgekdError as e:  # from a loader worker, wrapped in its traceback: keep the message
+                last = str(e).strip().splitlines()[-1]
+                raise EdgekdError(last.split("EdgekdError: ", 1)[-1]) from None
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
@@ -98,6 +106,7 @@ class DataBundle:
     channels: int
     image_size: int
     sizes: dict[str, int] = field(default_factory=dict)
+    skipped_unreadable: list[str] = field(default_factory=list)  # files left out (data.skip_unreadable)
 
     @property
     def num_classes(self) -> int:
@@ -110,13 +119,14 @@ class DataBundle:
             if isinstance(s, TensorSplit):
                 moved[k] = s.to(device)
         return DataBundle(self.name, moved["train"], moved["val"], moved["test"], self.class_names,
-                          self.mean, self.std, self.channels, self.image_size, self.sizes)
+                          self.mean, self.std, self.channels, self.image_size, self.sizes, self.skipped_unreadable)
 
     def describe(self) -> dict:
         return {
             "name": self.name, "class_names": self.class_names, "num_classes": self.num_classes,
             "channels": self.channels, "image_size": self.image_size, "mean": self.mean, "std": self.std,
             **{f"n_{k}": v for k, v in self.sizes.items()},
+            "unreadable_skipped": len(self.skipped_unreadable), "unreadable_files": self.skipped_unreadable[:100],
         }
 
 
@@ -172,8 +182,11 @@ def load_dataset(cfg: DataConfig, seed: int) -> DataBundle:
 
 def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     train_dir, test_dir = imagefolder_dirs(cfg.root)
-    train_items, classes = list_imagefolder(train_dir)
-    test_items, _ = list_imagefolder(test_dir, classes)
+    train_items, classes, skipped = list_imagefolder(train_dir, skip_unreadable=cfg.skip_unreadable)
+    test_items, _, test_skipped = list_imagefolder(test_dir, classes, skip_unreadable=cfg.skip_unreadable)
+    skipped += test_skipped
+    if skipped:
+        log.warning("skipped %d unreadable image files (data.skip_unreadable), e.g. %s", len(skipped), skipped[0])
     train_ds = ImageFileDataset(train_items, cfg.image_size)
     test_ds = ImageFileDataset(test_items, cfg.image_size)
     pool = _seeded_take(len(train_items), cfg.train_subset, seed).tolist()
@@ -189,5 +202,5 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
         val=FileSplit(train_ds, pool[:n_val], cfg.num_workers),
         test=FileSplit(test_ds, test_idx, cfg.num_workers),
         class_names=classes, mean=mean, std=std, channels=3, image_size=cfg.image_size,
-        sizes={"train": len(pool) - n_val, "val": n_val, "test": len(test_idx)},
+        sizes={"train": len(pool) - n_val, "val": n_val, "test": len(test_idx)}, skipped_unreadable=skipped,
     )

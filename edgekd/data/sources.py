@@ -178,20 +178,48 @@ def imagefolder_dirs(root: str | None) -> tuple[Path, Path]:
     return train, test
 
 
-def list_imagefolder(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
-    """(path, label) pairs of an ImageFolder tree; classes are the sorted sub-folder names."""
-    classes = classes or sorted(d.name for d in folder.iterdir() if d.is_dir())
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` is not a readable image (PIL cannot identify or verify it), else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # reads the file through without decoding: catches truncated and foreign files
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a bad file
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else 'unreadable'}"
+    return None
+
+
+def list_imagefolder(folder: Path, classes: list[str] | None = None, skip_unreadable: bool = False,
+                     ) -> tuple[list[tuple[Path, int]], list[str], list[str]]:
+    """(path, label) pairs of an ImageFolder tree, the classes (sorted sub-folder names), and the
+    files skipped as unreadable. Every file is checked once here, so a broken one is named now
+    rather than failing a training epoch later."""
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes = classes or found
     if not classes:
         raise EdgekdError(f"{folder}: no class sub-folders; expected {folder}/<class>/<image>")
-    items = [
-        (p, i)
-        for i, c in enumerate(classes)
-        for p in sorted((folder / c).rglob("*"))
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not items:
-        raise EdgekdError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) under the class folders")
-    return items, classes
+    if len(classes) < 2:
+        raise EdgekdError(f"{folder}: only one class ('{classes[0]}'); a classifier needs at least 2 class folders")
+    items, skipped = [], []
+    for i, c in enumerate(classes):
+        readable = 0
+        for p in sorted((folder / c).rglob("*")):
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            why = _unreadable(p)
+            if why is None:
+                items.append((p, i))
+                readable += 1
+            elif skip_unreadable:
+                skipped.append(str(p))
+            else:
+                raise EdgekdError(f"{p}: not a readable image ({why}); remove it, or set data.skip_unreadable: "
+                                  "true to skip such files")
+        if not readable:
+            raise EdgekdError(f"{folder / c}: class '{c}' has no readable images ({', '.join(IMAGE_SUFFIXES)}); "
+                              "add images or remove the folder")
+    return items, classes, skipped
 
 
 class ImageFileDataset(torch.utils.data.Dataset):
@@ -207,14 +235,17 @@ class ImageFileDataset(torch.utils.data.Dataset):
         from PIL import Image
 
         path, label = self.items[i]
-        with Image.open(path) as im:
-            im = im.convert(self.mode)
-            w, h = im.size
-            s = self.size / min(w, h)
-            im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-            im = im.crop((left, top, left + self.size, top + self.size))
-            arr = np.asarray(im, dtype=np.uint8)
+        try:
+            with Image.open(path) as im:
+                im = im.convert(self.mode)
+                w, h = im.size
+                s = self.size / min(w, h)
+                im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+                im = im.crop((left, top, left + self.size, top + self.size))
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - decoding found what verify() could not
+            raise EdgekdError(f"{path}: cannot decode image ({type(e).__name__}); remove or replace the file") from None
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return torch.from_numpy(arr.copy()), label

@@ -4,16 +4,28 @@ terms; the total loss is their sum. Terms a method does not use are absent (logg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from edgekd.distill.losses import at_loss, hint_loss, kd_loss
-from edgekd.recipe import DistillConfig
+from edgekd.errors import EdgekdError
 
 TERMS = ("ce", "kd", "at", "fitnet")
+
+
+class LossWeights(Protocol):
+    """The weights a method reads; ``edgekd.recipe.DistillConfig`` is one. A protocol, so this
+    registry sits below the recipe module (which validates method names against it)."""
+
+    w_ce: float
+    alpha: float
+    temperature: float
+    beta: float
+    p: float
+    fitnet_weight: float
 
 
 @dataclass
@@ -22,7 +34,7 @@ class Outputs:
     features: list[torch.Tensor]
 
 
-LossFn = Callable[[Outputs, "Outputs | None", torch.Tensor, DistillConfig, float, "nn.ModuleList | None"],
+LossFn = Callable[[Outputs, "Outputs | None", torch.Tensor, LossWeights, float, "nn.ModuleList | None"],
                   dict[str, torch.Tensor]]
 
 
@@ -84,7 +96,5 @@ METHODS: dict[str, Method] = {
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        from edgekd.errors import EdgekdError
-
         raise EdgekdError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
     return METHODS[name]

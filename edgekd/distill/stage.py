@@ -31,7 +31,8 @@ from edgekd.distill.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
 from edgekd.recipe import Recipe
-from edgekd.train import evaluate, make_optimizer, make_scheduler, predict, train_one_epoch
+from edgekd.report import write_plots
+from edgekd.train import evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
 
 log = logging.getLogger(__name__)
 METRICS_SCHEMA = "edgekd.metrics/1"
@@ -266,6 +267,8 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
             progress: Progress | None = None) -> DistillResult:
     """Run the distil stage of ``recipe`` into ``out_dir`` (see the module docstring)."""
     run_dir = Path(out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EdgekdError(f"--out {run_dir} is a file, not a folder; choose another --out")
     started = [p.name for p in (run_dir / "teacher_last.pt", run_dir / "student_last.pt", run_dir / "metrics.json")
                if p.exists()]
     if started and not resume:
@@ -321,9 +324,9 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         "agreement_top1": agreement,
         "wall_s": time.perf_counter() - t_start,
     }
-    from edgekd import report
-
-    files = report.write_plots(run_dir, metrics, teacher, student, pairs, ctx)
+    images, _ = next(iter(data.test.batches(6, device)))
+    files = write_plots(run_dir, metrics, teacher, student, pairs, data.class_names, images,
+                        prepare_batch(images, ctx.mean, ctx.std))
     write_json(run_dir / "metrics.json", metrics)
     return DistillResult(run_dir, metrics, run_dir / "teacher_best.pt" if t_source == "trained" else None,
                          run_dir / "student_best.pt", [run_dir / "metrics.json", run_dir / "log.csv", *files])
