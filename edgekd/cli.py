@@ -123,6 +123,8 @@ def distill(
     lr: Optional[float] = typer.Option(None),
     set_: list[str] = typer.Option([], "--set", help="override any recipe field: --set distill.beta=500"),
     resume: bool = typer.Option(False, help="continue a killed run in --out from its last finished epoch"),
+    baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
+                                            help="also train the same student alone and report the gain over it"),
 ) -> None:
     """Train (or load) the teacher and distil the student; writes checkpoints, metrics.json and plots."""
     from edgekd.distill.stage import distill as run_distill
@@ -134,7 +136,7 @@ def distill(
             "teacher.epochs": teacher_epochs if teacher_epochs is not None else epochs,
             "teacher.checkpoint": str(teacher) if teacher else None, "train.device": device,
             "data.root": str(data) if data else None, "seed": seed, "train.batch_size": batch_size, "train.lr": lr,
-            **_parse_sets(set_),
+            "distill.baseline": baseline, **_parse_sets(set_),
         }
         rec = load_recipe(recipe, overrides)
         out_dir = out or Path("runs") / rec.name
@@ -144,13 +146,18 @@ def distill(
     table = Table(title=f"edgekd distill: {rec.name} ({m['method']}) on {m['dataset']['name']}")
     for col in ("model", "arch", "params", "test top-1 %", "shifted top-1 %"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    for role in ("teacher", "student"):
-        s = m[role]
+    for role, label in (("teacher", "teacher"), ("student", "student"), ("baseline", "student alone (ce)")):
+        s = m.get(role)
         if s:
-            table.add_row(role, s["arch"], f"{s['params']:,}", f"{s['test_top1']:.2f}", f"{s['shifted_top1']:.2f}")
+            table.add_row(label, s["arch"], f"{s['params']:,}", f"{s['test_top1']:.2f}", f"{s['shifted_top1']:.2f}")
     console.print(table)
     if m["agreement_top1"] is not None:
         console.print(f"teacher-student top-1 agreement: {m['agreement_top1']:.2f}%")
+    gain = m.get("gain_over_baseline")
+    if gain:
+        console.print(f"{m['method']}: {gain['test_top1']:+.1f} pt over the same student alone "
+                      f"(shifted test {gain['shifted_top1']:+.1f} pt; baseline {m['baseline']['source']})",
+                      highlight=False)
     console.print(f"run directory: {result.run_dir}  (metrics.json, log.csv, *_best.pt, *.png)")
 
 

@@ -77,6 +77,8 @@ class DistillConfig(_Strict):
     beta: float = Field(1000.0, ge=0, description="weight of the attention term (Zagoruyko: ~1000)")
     p: float = Field(2.0, gt=0, description="attention map exponent: mean_c |f|^p")
     fitnet_weight: float = Field(1.0, ge=0, description="weight of the FitNet hint term")
+    baseline: bool = Field(False, description="also train the same student alone (ce) and report the method's "
+                           "gain over it; cached across runs")
 
 
 class TrainConfig(_Strict):

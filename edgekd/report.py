@@ -26,15 +26,16 @@ def plot_curves(metrics: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for role, style in (("teacher", "--"), ("student", "-")):
+    for role, style in (("teacher", "--"), ("student", "-"), ("baseline", ":")):
         section = metrics.get(role) or {}
         hist = section.get("epochs") or []
         if not hist:
             continue
         ep = [h["epoch"] for h in hist]
-        ax_loss.plot(ep, [h["loss"] for h in hist], style, label=f"{role} loss")
+        ax_loss.plot(ep, [h["loss"] for h in hist], style, label=f"{role if role != 'baseline' else 'student alone'} loss")
         for key in ("train_top1", "val_top1", "test_top1"):
-            ax_acc.plot(ep, [h[key] for h in hist], style, marker=".", label=f"{role} {key[:-5]}")
+            label = f"{role} {key[:-5]}" if role != "baseline" else f"student alone {key[:-5]}"
+            ax_acc.plot(ep, [h[key] for h in hist], style, marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):

@@ -168,3 +168,35 @@ def test_student_alone_runs_without_teacher(tmp_path):
     m = json.loads((tmp_path / "o" / "metrics.json").read_text(), parse_constant=no_nan)
     assert m["teacher"] is None and m["agreement_top1"] is None and m["student"]["test_top1"] > 0
     assert m["student"]["val_top1"] is None and m["dataset"]["n_val"] == 0
+
+
+def test_baseline_is_the_student_alone_and_is_cached(tmp_path, tiny_teacher):
+    """--baseline trains the same student with ce (same init, batches, augmentation, epochs): it
+    must equal a plain ce run exactly, report the gain, and be reused by the next run."""
+    import re
+
+    recipe = write_recipe(tmp_path / "r.yaml", student={"epochs": 2})
+    env = {"EDGEKD_CACHE": str(tmp_path / "cache")}
+    r = CliRunner().invoke(app, ["distill", str(recipe), "--teacher", str(tiny_teacher), "--method", "kd",
+                                 "--baseline", "--out", str(tmp_path / "kd")], env=env)
+    assert r.exit_code == 0, r.output + r.stderr
+    assert re.search(r"kd: [+-]\d+\.\d pt over the same student alone", r.output), r.output
+    m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    b = m["baseline"]
+    assert b["method"] == "ce" and b["source"] == "trained" and len(b["epochs"]) == 2
+    assert m["gain_over_baseline"]["test_top1"] == pytest.approx(m["student"]["test_top1"] - b["test_top1"])
+    assert m["gain_over_baseline"]["agreement_top1"] == pytest.approx(m["agreement_top1"] - b["agreement_top1"])
+    assert "baseline" in (tmp_path / "kd" / "log.csv").read_text()
+
+    alone = _cli("distill", recipe, "--method", "ce", "--teacher-epochs", "0", "--epochs", "2",
+                 "--out", tmp_path / "ce")
+    assert alone.exit_code == 0, alone.stderr
+    ce = json.loads((tmp_path / "ce" / "metrics.json").read_text())["student"]
+    assert ce["test_top1"] == b["test_top1"] and ce["shifted_top1"] == b["shifted_top1"]
+
+    r = CliRunner().invoke(app, ["distill", str(recipe), "--teacher", str(tiny_teacher), "--method", "at",
+                                 "--baseline", "--out", str(tmp_path / "at")], env=env)
+    assert r.exit_code == 0, r.output + r.stderr
+    again = json.loads((tmp_path / "at" / "metrics.json").read_text())["baseline"]
+    assert again["source"].startswith("cache:") and again["test_top1"] == b["test_top1"]
+    assert not (tmp_path / "at" / "baseline_last.pt").exists()  # reused, not retrained

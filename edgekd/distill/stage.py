@@ -11,7 +11,10 @@ follows the uninterrupted one.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import os
 import logging
 import math
 import time
@@ -156,6 +159,7 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
         history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
         log.info("%s: resuming after epoch %d of %d", role, start, epochs)
     meta = _model_meta(ctx, role, arch, model_kwargs)
+    # The baseline sees exactly the student's batches, augmentation and dropout: same seed.
     role_seed = ctx.recipe.seed * 1000 + (0 if role == "teacher" else 500)
     for epoch in range(start, epochs):
         ctx.progress.start(f"{role} {epoch + 1}/{epochs}", len(ctx.data.train))
@@ -263,6 +267,53 @@ def _final_eval(ctx: _Ctx, model: nn.Module) -> tuple[dict[str, Any], torch.Tens
     }, pred
 
 
+def _new_student(recipe: Recipe, data: DataBundle, device: torch.device) -> nn.Module:
+    """The student at its initial weights: the distilled one and its baseline start equal."""
+    torch.manual_seed(recipe.seed + 1)
+    return build_model(recipe.student.arch, data.num_classes, data.channels, data.image_size,
+                       width_mult=recipe.student.width_mult).to(device)
+
+
+def baseline_key(recipe: Recipe) -> str:
+    """What a student trained alone depends on: the student, the data, the loop and the seed."""
+    train = recipe.train.model_dump(exclude={"device"})
+    spec = {"student": recipe.student.model_dump(), "data": recipe.data.model_dump(exclude={"num_workers"}),
+            "train": train, "seed": recipe.seed, "edgekd": __version__}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def baseline_cache_dir() -> Path:
+    """Baselines shared between runs: $EDGEKD_CACHE, else $XDG_CACHE_HOME/edgekd, else ~/.cache/edgekd."""
+    root = os.environ.get("EDGEKD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgekd"
+    return Path(root) / "baselines"
+
+
+def _baseline(ctx: _Ctx, t_pred: torch.Tensor | None) -> dict[str, Any]:
+    """The same student trained alone (``ce``): same initial weights, seed, batches, augmentation
+    and epochs. Reused from the cache when one was trained for the same student, data and budget."""
+    recipe = ctx.recipe
+    key = baseline_key(recipe)
+    cached = baseline_cache_dir() / f"{key}.pt"
+    model = _new_student(recipe, ctx.data, ctx.device)
+    if cached.is_file():
+        ckpt = load_checkpoint(cached)
+        model.load_state_dict(ckpt["state_dict"])
+        history, source = ckpt.get("history", []), f"cache:{cached}"
+        log.info("baseline: reusing %s", cached)
+    else:
+        ce = METHODS["ce"]
+        history = _fit(ctx, "baseline", model, recipe.student.arch, {"width_mult": recipe.student.width_mult},
+                       lambda m: Distiller(m, ce, recipe.distill, label_smoothing=recipe.train.label_smoothing),
+                       recipe.student.epochs, recipe.train.lr)
+        meta = _model_meta(ctx, "baseline", recipe.student.arch, {"width_mult": recipe.student.width_mult})
+        save_checkpoint(cached, {**meta, "state_dict": model.state_dict(), "history": history, "key": key})
+        source = "trained"
+    b_eval, b_pred = _final_eval(ctx, model)
+    agreement = 100.0 * (t_pred == b_pred).float().mean().item() if t_pred is not None else None
+    return {"arch": recipe.student.arch, "params": count_params(model), "method": "ce", "source": source,
+            "cache_key": key, **b_eval, "agreement_top1": agreement, "epochs": history}
+
+
 def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
             progress: Progress | None = None) -> DistillResult:
     """Run the distil stage of ``recipe`` into ``out_dir`` (see the module docstring)."""
@@ -289,8 +340,7 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
 
     scfg = recipe.student
     s_kwargs = {"width_mult": scfg.width_mult}
-    torch.manual_seed(recipe.seed + 1)
-    student = build_model(scfg.arch, data.num_classes, data.channels, data.image_size, **s_kwargs).to(device)
+    student = _new_student(recipe, data, device)
     pairs = []
     if teacher is not None:
         t_shapes = stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher), data.channels, data.image_size)
@@ -304,12 +354,19 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     s_eval, s_pred = _final_eval(ctx, student)
     t_section = None
     agreement = None
+    t_pred = None
     if teacher is not None:
         t_eval, t_pred = _final_eval(ctx, teacher)
         agreement = 100.0 * (t_pred == s_pred).float().mean().item()
         t_section = {"arch": recipe.teacher.arch, "params": count_params(teacher), "source": t_source,
                      "checkpoint": "teacher_best.pt" if t_source == "trained" else recipe.teacher.checkpoint,
                      **t_eval, "epochs": t_hist}
+    b_section, gain = None, None
+    if recipe.distill.baseline and method.name != "ce":
+        b_section = _baseline(ctx, t_pred)
+        gain = {"test_top1": s_eval["test_top1"] - b_section["test_top1"],
+                "shifted_top1": s_eval["shifted_top1"] - b_section["shifted_top1"],
+                "agreement_top1": (agreement - b_section["agreement_top1"]) if agreement is not None else None}
     metrics = {
         "schema": METRICS_SCHEMA,
         "edgekd_version": __version__,
@@ -322,6 +379,8 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         "student": {"arch": scfg.arch, "params": count_params(student), "method": method.name,
                     "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist},
         "agreement_top1": agreement,
+        "baseline": b_section,
+        "gain_over_baseline": gain,
         "wall_s": time.perf_counter() - t_start,
     }
     images, _ = next(iter(data.test.batches(6, device)))
