@@ -28,7 +28,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> t
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, lr: float, total_steps: int):
     total_steps = max(1, total_steps)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 8:  # fewer steps: OneCycleLR divides by a 0-step phase
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)

@@ -402,7 +402,7 @@ def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))  # no checkpoint that looks complete
 
 
-def _interrupt(cmd: list[str], ready: Callable[[], bool], timeout: float = 240) -> str:
+def _interrupt(cmd: list[str], ready: Callable[[], bool], timeout: float = 900) -> str:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + timeout
@@ -411,7 +411,7 @@ def _interrupt(cmd: list[str], ready: Callable[[], bool], timeout: float = 240) 
         assert time.monotonic() < deadline, "the stage never reached the point to interrupt"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=180)
     lines = err.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1 and "interrupted" in lines[0], err
     return lines[0]

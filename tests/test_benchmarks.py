@@ -1,0 +1,24 @@
+"""The benchmark scripts run end to end at a tiny scale, so they cannot rot unnoticed."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_methods_table_is_resumable(tmp_path):
+    out = tmp_path / "methods"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "methods.py"), "--seeds", "2", "--methods", "ce,at",
+           "--betas", "100", "--train-subset", "300", "--test-subset", "100", "--epochs", "1",
+           "--teacher-epochs", "1", "--device", "cpu", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cells = json.loads((tmp_path / "methods.json").read_text())["cells"]
+    assert len(cells) == 2 * 3  # ce, at at the default beta, at at beta 100: two seeds each
+    table = (tmp_path / "methods.md").read_text()
+    assert "benchmarks/methods.py --seeds 2" in table and "student alone" in table and "RepDistiller" in table
+    assert "| at | 100 | 2 |" in table
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0 and "seed=" not in again.stdout.split("# Distillation")[0]  # nothing rerun
+    assert json.loads((tmp_path / "methods.json").read_text())["cells"] == cells
