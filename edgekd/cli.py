@@ -123,6 +123,8 @@ def distill(
     lr: Optional[float] = typer.Option(None),
     set_: list[str] = typer.Option([], "--set", help="override any recipe field: --set distill.beta=500"),
     resume: bool = typer.Option(False, help="continue a killed run in --out from its last finished epoch"),
+    augment: Optional[str] = typer.Option(None, help="HARD augmentor trained against the student: hard-affine, "
+                                          "hard-mix"),
     baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
                                             help="also train the same student alone and report the gain over it"),
 ) -> None:
@@ -136,7 +138,7 @@ def distill(
             "teacher.epochs": teacher_epochs if teacher_epochs is not None else epochs,
             "teacher.checkpoint": str(teacher) if teacher else None, "train.device": device,
             "data.root": str(data) if data else None, "seed": seed, "train.batch_size": batch_size, "train.lr": lr,
-            "distill.baseline": baseline, **_parse_sets(set_),
+            "distill.baseline": baseline, "distill.augment": augment, **_parse_sets(set_),
         }
         rec = load_recipe(recipe, overrides)
         out_dir = out or Path("runs") / rec.name

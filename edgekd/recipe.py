@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgekd.distill.methods import METHODS  # the registry is the source of valid names
+from edgekd.augment import AUGMENTORS  # the registries are the source of valid names
+from edgekd.distill.methods import METHODS
 from edgekd.errors import EdgekdError
 
 
@@ -51,7 +52,8 @@ class DataConfig(_Strict):
 class TeacherConfig(_Strict):
     """The teacher: trained here, loaded from a checkpoint, or torchvision's ImageNet weights."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet50", description="teacher architecture")
+    arch: Literal["resnet18", "resnet34", "resnet50", "cnn"] = Field(
+        "resnet50", description="teacher architecture; cnn is a small 4-layer CNN (width = its first channels)")
     width: int = Field(64, ge=4, description="channels of the first ResNet stage (64 = torchvision's)")
     pretrained: bool = Field(False, description="start from torchvision ImageNet weights (downloads)")
     checkpoint: str | None = Field(None, description="use this trained teacher instead of training one")
@@ -62,9 +64,24 @@ class TeacherConfig(_Strict):
 class StudentConfig(_Strict):
     """The small model that goes to the board."""
 
-    arch: Literal["mobilenet_v2"] = Field("mobilenet_v2", description="student architecture")
+    arch: Literal["mobilenet_v2", "mlp"] = Field("mobilenet_v2", description="student architecture; mlp has no "
+                                                 "convolutions (HARD's invariance experiment)")
     width_mult: float = Field(1.0, gt=0, le=2.0, description="MobileNetV2 channel multiplier")
     epochs: int = Field(30, ge=1, description="student training epochs")
+
+
+class HardConfig(_Strict):
+    """HARD's settings (Nix et al. 2023); thresholds and learning rate default to the augmentor's own."""
+
+    lambda_s: float = Field(1.0, ge=0, description="augmentor: weight of student-teacher disagreement D(s(x~), t(x~))")
+    lambda_t: float = Field(1.0, ge=0, description="augmentor: weight of teacher-teacher change D(t(x~), t(x))")
+    weight: float = Field(1.0, ge=0, description="student: weight of D(s(x~), t(x~)) beside the method's terms")
+    l_min: float | None = Field(None, ge=0, le=100, description="student -> augmentor below this top-1 "
+                                "disagreement (percent, on augmented batches); None = the augmentor's")
+    l_max: float | None = Field(None, ge=0, le=100, description="augmentor -> student above this disagreement "
+                                "(percent); None = the augmentor's")
+    consecutive: int = Field(5, ge=1, description="iterations in a row a threshold must hold before a switch")
+    lr: float | None = Field(None, gt=0, description="augmentor learning rate (Adam); None = the augmentor's")
 
 
 class DistillConfig(_Strict):
@@ -79,6 +96,9 @@ class DistillConfig(_Strict):
     fitnet_weight: float = Field(1.0, ge=0, description="weight of the FitNet hint term")
     baseline: bool = Field(False, description="also train the same student alone (ce) and report the method's "
                            "gain over it; cached across runs")
+    augment: str | None = Field(None, description="HARD augmentor trained against the student: hard-affine, "
+                                "hard-mix; None = no HARD")
+    hard: HardConfig = Field(default_factory=HardConfig)
 
 
 class TrainConfig(_Strict):
@@ -185,11 +205,17 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise EdgekdError(f"recipe {path}: {_first_error(e)}; fix it or see recipes/README.md") from None
-    if recipe.distill.method not in METHODS:
-        raise EdgekdError(
-            f"recipe {path}: key 'distill.method': unknown method '{recipe.distill.method}'; "
-            f"choose one of {', '.join(METHODS)}"
-        )
+    d = recipe.distill
+    if d.method not in METHODS:
+        raise EdgekdError(f"recipe {path}: key 'distill.method': unknown method '{d.method}'; "
+                          f"choose one of {', '.join(METHODS)}")
+    if d.augment is not None:
+        if d.augment not in AUGMENTORS:
+            raise EdgekdError(f"recipe {path}: key 'distill.augment': unknown augmentor '{d.augment}'; "
+                              f"choose one of {', '.join(AUGMENTORS)}")
+        if not METHODS[d.method].needs_teacher:
+            raise EdgekdError(f"recipe {path}: distill.augment trains against a teacher, and method '{d.method}' "
+                              f"has none; choose one of {', '.join(m for m in METHODS if METHODS[m].needs_teacher)}")
     return recipe
 
 

@@ -102,6 +102,35 @@ def plot_attention(teacher: nn.Module, student: nn.Module, pairs: list[StagePair
     return _save(fig, path)
 
 
+@torch.no_grad()
+def plot_augmentors(hard: Any, images_u8: torch.Tensor, path: Path, columns: int = 6) -> Path:
+    """augmentor.png: the same test images (rows) through several saved augmentors (columns:
+    the original, then pool members from the first to the last saved), so one sees what HARD learned."""
+    import copy
+
+    import matplotlib.pyplot as plt
+
+    x01 = images_u8.float().div(255.0)
+    pool = hard.pool
+    picks = sorted({round(i * (len(pool) - 1) / max(1, columns - 1)) for i in range(columns)})
+    module = copy.deepcopy(hard.augmentor).eval()
+    gen = torch.Generator(device=x01.device).manual_seed(0)
+    cols = [("original", x01)]
+    for i in picks:
+        module.load_state_dict(pool[i])
+        cols.append((f"saved #{i}", module(x01, gen).clamp(0, 1)))
+    n = len(x01)
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.5 * len(cols), 1.5 * n), squeeze=False)
+    for j, (title, batch) in enumerate(cols):
+        for i in range(n):
+            img = batch[i].cpu()
+            axes[i, j].imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].axis("off")
+        axes[0, j].set_title(title, fontsize=8)
+    fig.suptitle(f"{type(hard.augmentor).__name__}: {len(pool)} saved, {hard.switches} switches", fontsize=9)
+    return _save(fig, path)
+
+
 def write_plots(run_dir: Path, metrics: dict[str, Any], teacher: nn.Module | None, student: nn.Module,
                 pairs: list[StagePair], class_names: list[str], images_u8: torch.Tensor,
                 x: torch.Tensor) -> list[Path]:

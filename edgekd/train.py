@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgekd.augment.hard import HardTraining
 from edgekd.data import Split
 from edgekd.data.augment import augment_batch, shift_batch
 from edgekd.distill.distiller import Distiller
@@ -51,20 +52,33 @@ def prepare_batch(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.Optimizer, scheduler,
                     *, mean: torch.Tensor, std: torch.Tensor, aug: AugmentConfig, batch_size: int,
-                    device: torch.device, seed: int,
+                    device: torch.device, seed: int, hard: HardTraining | None = None,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``."""
+    """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``.
+    With ``hard`` (HARD), augmentor iterations take the batch in augmentor phases, and student
+    iterations add HARD's term on augmented images to the method's terms."""
     distiller.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # dropout
+    if hard is not None:
+        hard.start_epoch(seed)
     sums = {t: torch.zeros((), device=device) for t in TERMS}
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen, phase_iters = 0, {"student": 0, "augmentor": 0}
     t0 = time.perf_counter()
     for x_u8, y in split.batches(batch_size, device, seed=seed):
         x = prepare_batch(x_u8, mean, std, aug, gen)
+        if hard is not None and hard.augmentor_turn:
+            disagreement = hard.augmentor_step(distiller.student, distiller.teacher, x, gen)
+            if hard.phase == "augmentor":  # the student waits for its turn
+                hard.end_iteration(disagreement)
+                phase_iters["augmentor"] += 1
+                scheduler.step()  # the schedule follows iterations, so it ends with the last epoch
+                continue
         with autocast(device):
             logits, terms = distiller(x, y)
+            if hard is not None:
+                terms["hard"], disagreement = hard.student_term(distiller.student, distiller.teacher, x, gen)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,6 +89,9 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
             sums[k] += v.detach().float() * n
         correct += (logits.detach().argmax(1) == y).sum()
         seen += n
+        if hard is not None:
+            hard.end_iteration(disagreement)
+            phase_iters["student"] += 1
         if on_batch is not None:
             on_batch(n)
     if device.type == "cuda":
@@ -85,6 +102,9 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
     out["loss"] = sum(out[f"loss_{k}"] for k in TERMS)
     out.update(train_top1=100.0 * float(correct) / seen, img_per_s=seen / wall, wall_s=wall,
                lr=optimizer.param_groups[0]["lr"])
+    if hard is not None:
+        out.update(hard_student_iters=phase_iters["student"], hard_augmentor_iters=phase_iters["augmentor"],
+                   hard_switches=hard.switches, hard_pool=len(hard.pool))
     return out
 
 

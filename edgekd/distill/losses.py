@@ -72,3 +72,13 @@ def hint_loss(t_feats: list[torch.Tensor], regressed_s_feats: list[torch.Tensor]
         ft, fs = match_spatial(ft, fs)
         total = total + F.mse_loss(fs.float(), ft.detach().float())
     return total
+
+
+def softmax_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """HARD (Nix, Burg & Sinz 2023, eq. 1–2): ``D[a, b] = T^2 · KL(softmax(a/T) || softmax(b/T))``,
+    averaged over the batch, with gradients through *both* sides (the augmentor is trained
+    through the teacher's outputs too, unlike ``kd_loss``, which detaches the teacher)."""
+    t = temperature
+    log_p = F.log_softmax(target_logits.float() / t, dim=1)
+    log_q = F.log_softmax(logits.float() / t, dim=1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)

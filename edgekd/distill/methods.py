@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from edgekd.distill.losses import at_loss, hint_loss, kd_loss
 from edgekd.errors import EdgekdError
 
-TERMS = ("ce", "kd", "at", "fitnet")
+TERMS = ("ce", "kd", "at", "fitnet", "hard")  # hard: HARD's student term (edgekd.augment.hard)
 
 
 class LossWeights(Protocol):

@@ -27,6 +27,8 @@ import torch.nn as nn
 import yaml
 
 from edgekd import __version__
+from edgekd.augment import get_augmentor
+from edgekd.augment.hard import HardTraining
 from edgekd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from edgekd.data import DataBundle, load_dataset
 from edgekd.distill.distiller import Distiller
@@ -34,7 +36,7 @@ from edgekd.distill.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
 from edgekd.recipe import Recipe
-from edgekd.report import write_plots
+from edgekd.report import plot_augmentors, write_plots
 from edgekd.train import evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,10 @@ def _recipe_diff(a: dict, b: dict, prefix: tuple = ()) -> tuple[str, Any, Any] |
 
 
 def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[str, Any],
-         make_distiller: Callable[[nn.Module], Distiller], epochs: int, lr: float) -> list[dict[str, float]]:
-    """Train ``model`` in place for ``epochs``; leaves the best-validation weights loaded."""
+         make_distiller: Callable[[nn.Module], Distiller], epochs: int, lr: float,
+         hard: HardTraining | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place for ``epochs`` (with HARD when ``hard`` is given); leaves the
+    best-validation weights loaded."""
     cfg = ctx.recipe.train
     if ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # with bf16, the fast layout for cuDNN convolutions
@@ -154,6 +158,8 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
         model.load_state_dict(state["state_dict"])
         if distiller.regressors is not None:
             distiller.regressors.load_state_dict(state["regressors"])
+        if hard is not None:
+            hard.load_state_dict(state["hard"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
@@ -166,7 +172,8 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
         row: dict[str, float] = {"epoch": epoch + 1}
         row.update(train_one_epoch(
             distiller, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
-            batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, on_batch=ctx.progress.advance,
+            batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard,
+            on_batch=ctx.progress.advance,
         ))
         row["val_top1"] = evaluate(model, ctx.data.val, **ctx.eval_kwargs())["top1"]
         row["test_top1"] = evaluate(model, ctx.data.test, **ctx.eval_kwargs())["top1"]
@@ -180,6 +187,7 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
             **meta, "state_dict": model.state_dict(), "epoch": epoch + 1, "history": history,
             "best_val": best_val, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "regressors": distiller.regressors.state_dict() if distiller.regressors is not None else {},
+            "hard": hard.state_dict() if hard is not None else {},
         })
         log.info("%s epoch %d: %s", role, epoch + 1, {k: round(v, 4) for k, v in row.items()})
         ctx.progress.end_epoch(role, row)
@@ -342,14 +350,25 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     s_kwargs = {"width_mult": scfg.width_mult}
     student = _new_student(recipe, data, device)
     pairs = []
-    if teacher is not None:
+    if method.needs_features and not tap_candidates(scfg.arch, student):
+        raise EdgekdError(f"method '{method.name}' matches feature maps, and a {scfg.arch} student has none; "
+                          "use --method kd (or ce)")
+    if teacher is not None and method.needs_features:
         t_shapes = stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher), data.channels, data.image_size)
         s_shapes = stage_shapes(student, tap_candidates(scfg.arch, student), data.channels, data.image_size)
         pairs = pair_stages(t_shapes, s_shapes)
+    hard = None
+    if recipe.distill.augment:
+        h = recipe.distill.hard
+        torch.manual_seed(recipe.seed + 2)
+        hard = HardTraining(get_augmentor(recipe.distill.augment, data.channels, data.image_size).to(device),
+                            mean=ctx.mean, std=ctx.std, temperature=recipe.distill.temperature, lambda_s=h.lambda_s,
+                            lambda_t=h.lambda_t, weight=h.weight, l_min=h.l_min, l_max=h.l_max,
+                            consecutive=h.consecutive, lr=h.lr)
     s_hist = _fit(ctx, "student", student, scfg.arch, s_kwargs,
                   lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
                                       label_smoothing=recipe.train.label_smoothing),
-                  scfg.epochs, recipe.train.lr)
+                  scfg.epochs, recipe.train.lr, hard=hard)
 
     s_eval, s_pred = _final_eval(ctx, student)
     t_section = None
@@ -367,6 +386,14 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         gain = {"test_top1": s_eval["test_top1"] - b_section["test_top1"],
                 "shifted_top1": s_eval["shifted_top1"] - b_section["shifted_top1"],
                 "agreement_top1": (agreement - b_section["agreement_top1"]) if agreement is not None else None}
+    s_section = {"arch": scfg.arch, "params": count_params(student), "method": method.name,
+                 "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist}
+    if hard is not None:
+        s_section["hard"] = {"augmentor": recipe.distill.augment, "pool": len(hard.pool), "switches": hard.switches,
+                             "l_min": hard.l_min, "l_max": hard.l_max, "consecutive": hard.k,
+                             "switch_metric": "student-teacher top-1 disagreement on augmented batches, percent",
+                             "phase_log_columns": ["iteration", "phase", "disagreement"],
+                             "phase_log": hard.phase_log}
     metrics = {
         "schema": METRICS_SCHEMA,
         "edgekd_version": __version__,
@@ -376,8 +403,7 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         "method": method.name,
         "stage_pairs": [p.as_dict() for p in pairs],
         "teacher": t_section,
-        "student": {"arch": scfg.arch, "params": count_params(student), "method": method.name,
-                    "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist},
+        "student": s_section,
         "agreement_top1": agreement,
         "baseline": b_section,
         "gain_over_baseline": gain,
@@ -386,6 +412,8 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     images, _ = next(iter(data.test.batches(6, device)))
     files = write_plots(run_dir, metrics, teacher, student, pairs, data.class_names, images,
                         prepare_batch(images, ctx.mean, ctx.std))
+    if hard is not None:
+        files.append(plot_augmentors(hard, images, run_dir / "augmentor.png"))
     write_json(run_dir / "metrics.json", metrics)
     return DistillResult(run_dir, metrics, run_dir / "teacher_best.pt" if t_source == "trained" else None,
                          run_dir / "student_best.pt", [run_dir / "metrics.json", run_dir / "log.csv", *files])
