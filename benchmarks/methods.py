@@ -16,16 +16,19 @@ split; the test set and the teacher stay the same for every cell.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from edgekd.checkpoint import write_json, write_text
-from edgekd.distill.stage import distill
-from edgekd.recipe import load_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cells import Cells, mean_std  # noqa: E402
+
+from edgekd.checkpoint import write_json, write_text  # noqa: E402
+from edgekd.distill.stage import distill  # noqa: E402
+from edgekd.recipe import load_recipe  # noqa: E402
 
 METHODS = ["ce", "kd", "at", "atkd", "atkd-sa", "fitnet"]
 
@@ -40,14 +43,6 @@ ANCHORS = [
 
 def _cell_key(method: str, beta: float, seed: int) -> str:
     return f"{method}|beta={beta:g}|seed={seed}"
-
-
-def _stats(values: list[float]) -> str:
-    if not values:
-        return ""
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 def render(results: dict, command: str, teacher: dict | None, default_beta: float) -> str:
@@ -74,8 +69,8 @@ def render(results: dict, command: str, teacher: dict | None, default_beta: floa
             agree = [r["agreement_top1"] for r in rows if r["agreement_top1"] is not None]
             beta_col = f"{beta:g}" if m in ("at", "atkd", "atkd-sa") else "–"
             lines.append(f"| {m}{' (student alone)' if m == 'ce' else ''} | {beta_col} | {len(rows)} | "
-                         f"{_stats([r['test_top1'] for r in rows])} | {_stats([r['shifted_top1'] for r in rows])} | "
-                         f"{_stats(agree)} | {_stats(deltas) if m != 'ce' else '0'} | "
+                         f"{mean_std([r['test_top1'] for r in rows])} | {mean_std([r['shifted_top1'] for r in rows])} | "
+                         f"{mean_std(agree)} | {mean_std(deltas) if m != 'ce' else '0'} | "
                          f"{statistics.fmean(r['wall_s'] for r in rows):.0f} |")
     lines += ["", "Mean ± sample standard deviation over seeds. Published anchors (not ours: other data, "
               "models and budgets; top-1 %):", "", "| source and setting | student alone | KD | AT | FitNet |",
@@ -107,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                  "teacher.epochs": args.teacher_epochs, "train.device": args.device}
     base = load_recipe(args.recipe, overrides)
     json_path = Path(f"{out}.json")
-    results = json.loads(json_path.read_text()) if json_path.is_file() else {"cells": {}}
+    table = Cells(json_path)
+    results = table.data
     results["json"] = str(json_path)
     results["setting"] = (f"`{args.recipe}` with {base.data.train_subset} training images "
                           f"({base.data.val_fraction:.0%} held out for validation), {base.data.test_subset or 'all'} "
@@ -133,23 +129,15 @@ def main(argv: list[str] | None = None) -> None:
              if b != base.distill.beta for s in range(args.seeds)]
     for method, beta, seed in plan:
         key = _cell_key(method, beta, seed)
-        if key in results["cells"]:
-            continue
         recipe = base.model_copy(update={
             "seed": seed,
             "teacher": base.teacher.model_copy(update={"checkpoint": teacher_ckpt}),
             "distill": base.distill.model_copy(update={"method": method, "beta": beta}),
         })
-        cell_dir = runs / key.replace("|", "_").replace("=", "")
-        t0 = time.perf_counter()
-        m = distill(recipe, cell_dir, resume=cell_dir.exists()).metrics
-        results["cells"][key] = {"method": method, "beta": beta, "seed": seed,
-                                 "test_top1": m["student"]["test_top1"], "shifted_top1": m["student"]["shifted_top1"],
-                                 "agreement_top1": m["agreement_top1"], "wall_s": time.perf_counter() - t0}
-        write_json(json_path, results)
+        table.run(key, recipe, runs / key.replace("|", "_").replace("=", ""), lambda m, method=method, beta=beta,
+                  seed=seed: {"method": method, "beta": beta, "seed": seed, "test_top1": m["student"]["test_top1"],
+                              "shifted_top1": m["student"]["shifted_top1"], "agreement_top1": m["agreement_top1"]})
         write_text(Path(f"{out}.md"), render(results, command, results["teacher"], base.distill.beta))
-        print(f"{key}: test {m['student']['test_top1']:.2f} %, shifted {m['student']['shifted_top1']:.2f} %",
-              flush=True)
     write_text(Path(f"{out}.md"), render(results, command, results["teacher"], base.distill.beta))
     print(Path(f"{out}.md").read_text())
 

@@ -22,3 +22,17 @@ def test_methods_table_is_resumable(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0 and "seed=" not in again.stdout.split("# Distillation")[0]  # nothing rerun
     assert json.loads((tmp_path / "methods.json").read_text())["cells"] == cells
+
+
+def test_hard_table_runs_and_resumes(tmp_path):
+    out = tmp_path / "hard"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "hard.py"), "--seeds", "1", "--train-subset", "300",
+           "--no-mobilenet", "--device", "cpu", "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cells = json.loads((tmp_path / "hard.json").read_text())["cells"]
+    assert {k.split("|")[1] for k in cells} == {"teacher", "ce", "kd", "kd-shifts", "kd-hard-affine", "kd-hard-mix"}
+    table = (tmp_path / "hard.md").read_text()
+    assert "benchmarks/hard.py --seeds 1" in table and "| KD + hard-affine | 1 |" in table
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0 and json.loads((tmp_path / "hard.json").read_text())["cells"] == cells
