@@ -124,7 +124,7 @@ def distill(
     set_: list[str] = typer.Option([], "--set", help="override any recipe field: --set distill.beta=500"),
     resume: bool = typer.Option(False, help="continue a killed run in --out from its last finished epoch"),
     augment: Optional[str] = typer.Option(None, help="HARD augmentor trained against the student: hard-affine, "
-                                          "hard-mix"),
+                                          "hard-mix, hard-vae"),
     baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
                                             help="also train the same student alone and report the gain over it"),
 ) -> None:

@@ -97,7 +97,7 @@ class DistillConfig(_Strict):
     baseline: bool = Field(False, description="also train the same student alone (ce) and report the method's "
                            "gain over it; cached across runs")
     augment: str | None = Field(None, description="HARD augmentor trained against the student: hard-affine, "
-                                "hard-mix; None = no HARD")
+                                "hard-mix, hard-vae; None = no HARD")
     hard: HardConfig = Field(default_factory=HardConfig)
 
 

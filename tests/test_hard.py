@@ -54,7 +54,7 @@ def test_unknown_augmentor_lists_the_valid_names(tmp_path):
     assert "trains against a teacher" in one_line_error(r)
 
 
-@pytest.mark.parametrize("name", ["hard-affine", "hard-mix"])
+@pytest.mark.parametrize("name", ["hard-affine", "hard-mix", "hard-vae"])
 def test_augmentor_step_moves_only_the_augmentor(name):
     hard, student, teacher = _hard(name)
     x = (_real_batch() - 0.3) / 0.35
@@ -161,3 +161,34 @@ def test_hard_mix_trains_from_the_cli(tmp_path):
     assert m["student"]["hard"]["augmentor"] == "hard-mix"
     assert {row[1] for row in m["student"]["hard"]["phase_log"]} == {"joint"}
     assert m["student"]["epochs"][-1]["loss_hard"] > 0 and (tmp_path / "run" / "augmentor.png").is_file()
+
+
+def test_hard_vae_trains_its_vae_once_and_reuses_it(tmp_path):
+    """No pretrained VAE is reachable offline: the run trains one on its training images, keeps it
+    in the run dir (vae.pt) and a resumed run reuses it rather than training again."""
+    recipe = _hard_recipe(tmp_path)
+    r = CliRunner().invoke(app, ["distill", str(recipe), "--augment", "hard-vae", "--epochs", "1",
+                                 "--teacher-epochs", "1", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output + r.stderr
+    vae = tmp_path / "run" / "vae.pt"
+    stamp = vae.stat().st_mtime_ns
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["student"]["hard"]["augmentor"] == "hard-vae" and m["student"]["epochs"][0]["loss_hard"] > 0
+    r = CliRunner().invoke(app, ["distill", str(recipe), "--augment", "hard-vae", "--epochs", "1",
+                                 "--teacher-epochs", "1", "--out", str(tmp_path / "run"), "--resume"])
+    assert r.exit_code == 0, r.output + r.stderr
+    assert vae.stat().st_mtime_ns == stamp
+
+
+def test_vae_reconstructs_after_pretraining(tmp_path):
+    """The pretrained VAE is a reconstruction of real images, so hard-vae starts near the identity."""
+    from edgekd.augment.vae import HardVAE
+
+    x = _real_batch(64)
+    batches = [(x[i:i + 16].mul(255).round().to(torch.uint8), None) for i in range(0, 64, 16)]
+    aug = HardVAE(1, 16)
+    aug.pretrain_epochs = 30
+    before = (aug(x, sample=False) - x).abs().mean()
+    aug.prepare(lambda seed: batches, tmp_path / "vae.pt", torch.device("cpu"), 0)
+    after = (aug(x, sample=False) - x).abs().mean()
+    assert after < 0.5 * before and (tmp_path / "vae.pt").is_file()

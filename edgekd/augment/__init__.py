@@ -12,11 +12,13 @@ from typing import Callable
 from edgekd.augment.affine import HardAffine
 from edgekd.augment.base import Augmentor
 from edgekd.augment.mix import HardMix
+from edgekd.augment.vae import HardVAE
 from edgekd.errors import EdgekdError
 
 AUGMENTORS: dict[str, Callable[..., Augmentor]] = {
     "hard-affine": HardAffine,
     "hard-mix": HardMix,
+    "hard-vae": HardVAE,
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -24,3 +26,7 @@ class Augmentor(nn.Module):
     def forward(self, x01: torch.Tensor, generator: torch.Generator | None = None,
                 sample: bool = True) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, train_batches, cache: Path, device: torch.device, seed: int) -> None:  # noqa: ANN001
+        """Anything the augmentor needs before HARD starts (hard-vae trains its VAE here), kept in
+        ``cache`` so a resumed run reuses it. ``train_batches(seed)`` yields uint8 training batches."""

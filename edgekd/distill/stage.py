@@ -361,7 +361,10 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     if recipe.distill.augment:
         h = recipe.distill.hard
         torch.manual_seed(recipe.seed + 2)
-        hard = HardTraining(get_augmentor(recipe.distill.augment, data.channels, data.image_size).to(device),
+        augmentor = get_augmentor(recipe.distill.augment, data.channels, data.image_size).to(device)
+        augmentor.prepare(lambda seed: data.train.batches(recipe.train.batch_size, device, seed=seed),
+                          run_dir / "vae.pt", device, recipe.seed)
+        hard = HardTraining(augmentor,
                             mean=ctx.mean, std=ctx.std, temperature=recipe.distill.temperature, lambda_s=h.lambda_s,
                             lambda_t=h.lambda_t, weight=h.weight, l_min=h.l_min, l_max=h.l_max,
                             consecutive=h.consecutive, lr=h.lr)
