@@ -127,11 +127,23 @@ def distill(
                                           "hard-mix, hard-vae"),
     baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline",
                                             help="also train the same student alone and report the gain over it"),
+    nproc: Optional[int] = typer.Option(None, help="run this command under torchrun with N processes on this "
+                                        "machine (DDP: NCCL on GPUs, gloo on CPUs)"),
 ) -> None:
     """Train (or load) the teacher and distil the student; writes checkpoints, metrics.json and plots."""
+    import sys
+
     from edgekd.distill.stage import distill as run_distill
+    from edgekd.distributed import launch, world_from_env
     from edgekd.recipe import load_recipe
 
+    if nproc is not None:  # the same command, minus --nproc, once per process under torchrun
+        argv = sys.argv[1:]
+        i = argv.index("--nproc") if "--nproc" in argv else None
+        argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+        with _user_errors("finished epochs are saved, continue with --resume"):
+            raise typer.Exit(launch(nproc, argv))
+    world = world_from_env()
     with _user_errors("finished epochs are saved, continue with --resume"):
         overrides = {
             "distill.method": method, "student.epochs": epochs,
@@ -143,7 +155,9 @@ def distill(
         rec = load_recipe(recipe, overrides)
         out_dir = out or Path("runs") / rec.name
         with _RichProgress() as progress:
-            result = run_distill(rec, out_dir, resume=resume, progress=progress)
+            result = run_distill(rec, out_dir, resume=resume, progress=progress if world.main else None)
+    if not world.main:
+        return  # rank 0 reports
     m = result.metrics
     table = Table(title=f"edgekd distill: {rec.name} ({m['method']}) on {m['dataset']['name']}")
     for col in ("model", "arch", "params", "test top-1 %", "shifted top-1 %"):

@@ -15,10 +15,16 @@ import torch.nn.functional as F
 
 from edgekd.augment.hard import HardTraining
 from edgekd.data import Split
+from edgekd.distributed import World, all_reduce_sum
 from edgekd.data.augment import augment_batch, shift_batch
 from edgekd.distill.distiller import Distiller
 from edgekd.distill.methods import TERMS
 from edgekd.recipe import AugmentConfig, TrainConfig
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (HARD's augmentor step only reads it)."""
+    return getattr(module, "module", module)
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -52,11 +58,13 @@ def prepare_batch(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.Optimizer, scheduler,
                     *, mean: torch.Tensor, std: torch.Tensor, aug: AugmentConfig, batch_size: int,
-                    device: torch.device, seed: int, hard: HardTraining | None = None,
+                    device: torch.device, seed: int, hard: HardTraining | None = None, world: World = World(),
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``.
     With ``hard`` (HARD), augmentor iterations take the batch in augmentor phases, and student
-    iterations add HARD's term on augmented images to the method's terms."""
+    iterations add HARD's term on augmented images to the method's terms. Under DDP every rank
+    draws the same global batch and augmentation and trains on its own shard of it, so N
+    processes with batch B take the steps one process takes with batch B."""
     distiller.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -68,8 +76,11 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
     t0 = time.perf_counter()
     for x_u8, y in split.batches(batch_size, device, seed=seed):
         x = prepare_batch(x_u8, mean, std, aug, gen)
+        if world.size > 1:
+            part = world.shard(len(y))
+            x, y = x[part], y[part]
         if hard is not None and hard.augmentor_turn:
-            disagreement = hard.augmentor_step(distiller.student, distiller.teacher, x, gen)
+            disagreement = hard.augmentor_step(_unwrap(distiller.student), distiller.teacher, x, gen)
             if hard.phase == "augmentor":  # the student waits for its turn
                 hard.end_iteration(disagreement)
                 phase_iters["augmentor"] += 1
@@ -97,6 +108,11 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    if world.size > 1:  # one all-reduce per epoch: the sums of every rank
+        packed = all_reduce_sum(torch.stack([*sums.values(), correct.float(),
+                                             torch.tensor(float(seen), device=device)]))
+        sums = dict(zip(sums, packed[: len(sums)], strict=True))
+        correct, seen = packed[len(sums)], int(packed[-1].item())
     seen = max(seen, 1)
     out = {f"loss_{k}": float(v) / seen for k, v in sums.items()}
     out["loss"] = sum(out[f"loss_{k}"] for k in TERMS)

@@ -22,6 +22,14 @@ import torch.nn as nn
 
 from edgekd.augment.base import Augmentor
 from edgekd.distill.losses import softmax_kl
+from edgekd.distributed import all_reduce_mean_
+
+
+def _disagreement(s_logits: torch.Tensor, t_logits: torch.Tensor) -> float:
+    """Top-1 disagreement in percent, averaged over ranks so that every rank switches together."""
+    d = 100.0 * (s_logits.detach().argmax(1) != t_logits.detach().argmax(1)).float().mean().view(1)
+    all_reduce_mean_([d])
+    return float(d.item())
 
 
 class HardTraining:
@@ -72,12 +80,13 @@ class HardTraining:
             gain = gain - self.lambda_t * softmax_kl(t_clean, t_aug, self.t)
         params = [p for p in self.augmentor.parameters() if p.requires_grad]
         grads = torch.autograd.grad(-gain, params)
+        all_reduce_mean_(list(grads))  # under DDP every rank's augmentor takes the same step
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         student.train(was_training)
-        disagreement = 100.0 * (s_aug.argmax(1) != t_aug.argmax(1)).float().mean().item()
+        disagreement = _disagreement(s_aug, t_aug)
         if self.phase == "augmentor":
             self._count(disagreement > self.l_max, to="student", disagreement=disagreement)
         return disagreement
@@ -95,8 +104,7 @@ class HardTraining:
             t_aug = teacher(x_aug)
         s_aug = student(x_aug)
         term = self.weight * softmax_kl(t_aug, s_aug, self.t)
-        disagreement = 100.0 * (s_aug.detach().argmax(1) != t_aug.argmax(1)).float().mean().item()
-        return term, disagreement
+        return term, _disagreement(s_aug, t_aug)
 
     def end_iteration(self, disagreement: float) -> None:
         """Log the iteration and apply the switching rule of the student phase."""

@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 import yaml
 
 from edgekd import __version__
@@ -36,8 +37,9 @@ from edgekd.distill.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
 from edgekd.recipe import Recipe
+from edgekd.distributed import World, barrier, init
 from edgekd.report import plot_augmentors, write_plots
-from edgekd.train import evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
+from edgekd.train import _unwrap, evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
 
 log = logging.getLogger(__name__)
 METRICS_SCHEMA = "edgekd.metrics/1"
@@ -93,6 +95,7 @@ class _Ctx:
     progress: Progress
     mean: torch.Tensor
     std: torch.Tensor
+    world: World = World()
 
     def eval_kwargs(self) -> dict[str, Any]:
         return dict(mean=self.mean, std=self.std, batch_size=self.recipe.train.eval_batch_size, device=self.device)
@@ -143,6 +146,11 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
     if ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # with bf16, the fast layout for cuDNN convolutions
     distiller = make_distiller(model).to(ctx.device)
+    if ctx.world.size > 1:  # what trains is wrapped in DDP (its gradients are averaged across ranks)
+        ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        distiller.student = DDP(distiller.student, device_ids=ids)
+        if distiller.regressors is not None:
+            distiller.regressors = DDP(distiller.regressors, device_ids=ids)
     opt = make_optimizer(distiller.trainable_parameters(), cfg, lr)
     steps = max(1, len(ctx.data.train) // cfg.batch_size) if len(ctx.data.train) >= cfg.batch_size else 1
     sched = make_scheduler(opt, cfg, lr, epochs * steps)
@@ -157,7 +165,7 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
                               f"{diff[2]!r}); resume with the same recipe or pick a new --out")
         model.load_state_dict(state["state_dict"])
         if distiller.regressors is not None:
-            distiller.regressors.load_state_dict(state["regressors"])
+            _unwrap(distiller.regressors).load_state_dict(state["regressors"])
         if hard is not None:
             hard.load_state_dict(state["hard"])
         opt.load_state_dict(state["optimizer"])
@@ -172,26 +180,29 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
         row: dict[str, float] = {"epoch": epoch + 1}
         row.update(train_one_epoch(
             distiller, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
-            batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard,
+            batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard, world=ctx.world,
             on_batch=ctx.progress.advance,
         ))
         row["val_top1"] = evaluate(model, ctx.data.val, **ctx.eval_kwargs())["top1"]
         row["test_top1"] = evaluate(model, ctx.data.test, **ctx.eval_kwargs())["top1"]
         history.append(row)
         val = row["val_top1"] if not math.isnan(row["val_top1"]) else float(epoch)  # no val: keep the last
-        if val > best_val:
-            best_val = val
-            save_checkpoint(best_path, {**meta, "state_dict": model.state_dict(), "epoch": epoch + 1,
-                                        "val_top1": row["val_top1"]})
-        save_checkpoint(last_path, {
-            **meta, "state_dict": model.state_dict(), "epoch": epoch + 1, "history": history,
-            "best_val": best_val, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "regressors": distiller.regressors.state_dict() if distiller.regressors is not None else {},
-            "hard": hard.state_dict() if hard is not None else {},
-        })
+        improved = val > best_val
+        best_val = max(val, best_val)
+        if ctx.world.main:  # every rank holds the same weights; one writes them
+            if improved:
+                save_checkpoint(best_path, {**meta, "state_dict": model.state_dict(), "epoch": epoch + 1,
+                                            "val_top1": row["val_top1"]})
+            save_checkpoint(last_path, {
+                **meta, "state_dict": model.state_dict(), "epoch": epoch + 1, "history": history,
+                "best_val": best_val, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "regressors": _unwrap(distiller.regressors).state_dict() if distiller.regressors is not None else {},
+                "hard": hard.state_dict() if hard is not None else {},
+            })
+            _write_log(ctx.run_dir, role, history)
+        barrier()
         log.info("%s epoch %d: %s", role, epoch + 1, {k: round(v, 4) for k, v in row.items()})
         ctx.progress.end_epoch(role, row)
-        _write_log(ctx.run_dir, role, history)
     distiller.remove_taps()
     model.load_state_dict(load_checkpoint(best_path)["state_dict"])
     return history
@@ -241,8 +252,9 @@ def _teacher(ctx: _Ctx, needs_teacher: bool) -> tuple[nn.Module | None, list[dic
     model = build_model(tcfg.arch, data.num_classes, data.channels, data.image_size, **kwargs).to(ctx.device)
     kwargs["pretrained"] = False  # the checkpoint holds the weights; rebuilding must not download
     if tcfg.epochs == 0:  # an ImageNet teacher used as it is
-        save_checkpoint(ctx.run_dir / "teacher_best.pt", {**_model_meta(ctx, "teacher", tcfg.arch, kwargs),
-                                                          "state_dict": model.state_dict(), "epoch": 0})
+        if ctx.world.main:
+            save_checkpoint(ctx.run_dir / "teacher_best.pt", {**_model_meta(ctx, "teacher", tcfg.arch, kwargs),
+                                                              "state_dict": model.state_dict(), "epoch": 0})
         return model, [], "trained"
     ce = METHODS["ce"]
     hist = _fit(ctx, "teacher", model, tcfg.arch, kwargs,
@@ -314,7 +326,8 @@ def _baseline(ctx: _Ctx, t_pred: torch.Tensor | None) -> dict[str, Any]:
                        lambda m: Distiller(m, ce, recipe.distill, label_smoothing=recipe.train.label_smoothing),
                        recipe.student.epochs, recipe.train.lr)
         meta = _model_meta(ctx, "baseline", recipe.student.arch, {"width_mult": recipe.student.width_mult})
-        save_checkpoint(cached, {**meta, "state_dict": model.state_dict(), "history": history, "key": key})
+        if ctx.world.main:
+            save_checkpoint(cached, {**meta, "state_dict": model.state_dict(), "history": history, "key": key})
         source = "trained"
     b_eval, b_pred = _final_eval(ctx, model)
     agreement = 100.0 * (t_pred == b_pred).float().mean().item() if t_pred is not None else None
@@ -335,14 +348,22 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
                           "or choose another --out")
     method = get_method(recipe.distill.method)
     device = resolve_device(recipe.train.device)
+    world = init(device.type)
+    if world.size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+        if recipe.train.batch_size % world.size:
+            raise EdgekdError(f"train.batch_size {recipe.train.batch_size} is the global batch and must divide among "
+                              f"{world.size} processes; pick a multiple of {world.size}")
     t_start = time.perf_counter()
     data = load_dataset(recipe.data, recipe.seed)
     if device.type == "cuda":
         data = data.to(device)  # small data sets live on the GPU; batches are index slices
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    ctx = _Ctx(recipe, data, device, run_dir, resume, progress or _NoProgress(),
-               torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device))
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    ctx = _Ctx(recipe, data, device, run_dir, resume, progress if progress and world.main else _NoProgress(),
+               torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device), world)
 
     teacher, t_hist, t_source = _teacher(ctx, method.needs_teacher)
 
@@ -412,11 +433,15 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         "gain_over_baseline": gain,
         "wall_s": time.perf_counter() - t_start,
     }
-    images, _ = next(iter(data.test.batches(6, device)))
-    files = write_plots(run_dir, metrics, teacher, student, pairs, data.class_names, images,
-                        prepare_batch(images, ctx.mean, ctx.std))
-    if hard is not None:
-        files.append(plot_augmentors(hard, images, run_dir / "augmentor.png"))
-    write_json(run_dir / "metrics.json", metrics)
+    metrics["world_size"] = world.size
+    files: list[Path] = []
+    if world.main:  # the other ranks hold the same models and metrics; one writes the reports
+        images, _ = next(iter(data.test.batches(6, device)))
+        files = write_plots(run_dir, metrics, teacher, student, pairs, data.class_names, images,
+                            prepare_batch(images, ctx.mean, ctx.std))
+        if hard is not None:
+            files.append(plot_augmentors(hard, images, run_dir / "augmentor.png"))
+        write_json(run_dir / "metrics.json", metrics)
+    barrier()
     return DistillResult(run_dir, metrics, run_dir / "teacher_best.pt" if t_source == "trained" else None,
                          run_dir / "student_best.pt", [run_dir / "metrics.json", run_dir / "log.csv", *files])
