@@ -44,6 +44,9 @@ class DataConfig(_Strict):
                                 "validation (best-epoch choice)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     shifted_canvas: float = Field(2.0, ge=1.0, le=4.0, description="shifted test: canvas size / image size")
+    shifted_mode: Literal["canvas", "translate"] = Field(
+        "canvas", description="shifted test: canvas pastes each image at a random place on the larger canvas and "
+        "resizes back (smaller and moved); translate moves it by up to (canvas - 1) / 2 of its size, same scale")
     num_workers: int = Field(2, ge=0, description="loader workers for ImageFolder trees")
     skip_unreadable: bool = Field(False, description="ImageFolder: skip files that are not readable images "
                                   "(counted in metrics.json) instead of stopping")

@@ -126,7 +126,7 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, *, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
-            device: torch.device, shift_canvas: float | None = None, shift_seed: int = 0,
+            device: torch.device, shift_canvas: float | None = None, shift_seed: int = 0, shift_mode: str = "canvas",
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels (on the CPU) for every image of ``split``, in order. With
     ``shift_canvas`` the images are first moved by ``shift_batch`` (seeded, reproducible)."""
@@ -135,7 +135,7 @@ def predict(model: nn.Module, split: Split, *, mean: torch.Tensor, std: torch.Te
     all_logits, all_labels = [], []
     for x_u8, y in split.batches(batch_size, device):
         if shift_canvas:
-            x_u8 = shift_batch(x_u8, shift_canvas, gen)
+            x_u8 = shift_batch(x_u8, shift_canvas, gen, shift_mode)
         with autocast(device):
             logits = model(prepare_batch(x_u8, mean, std))
         all_logits.append(logits.float().cpu())

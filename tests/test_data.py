@@ -160,3 +160,13 @@ def test_gather_takes_the_first_images_in_order_or_shuffled():
     xs, ys = gather(split, 300, seed=0)
     assert len(ys) == 300 and not torch.equal(ys, torch.arange(300)) and len(set(ys.tolist())) == 300
     assert gather(TensorSplit(torch.zeros(0, 1, 2, 2, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)))[0].numel() == 0
+
+
+def test_translate_shift_moves_without_scaling():
+    x = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 12:16, 12:16] = 200  # a small centred square: never leaves the frame at 25 % moves
+    y = shift_batch(x, 1.5, torch.Generator().manual_seed(0), mode="translate")
+    assert y.shape == x.shape and torch.equal((y > 0).sum((1, 2, 3)), (x > 0).sum((1, 2, 3)))  # same size
+    centres = [(img[0] > 0).nonzero().float().mean(0) for img in y]
+    offsets = torch.stack(centres) - 13.5
+    assert offsets.abs().max() <= 7 and (offsets.abs().sum(1) > 0).float().mean() > 0.9  # moved, by ≤ 7 px

@@ -46,9 +46,13 @@ def augment_batch(x01: torch.Tensor, cfg: AugmentConfig, generator: torch.Genera
     return x01.clamp_(0.0, 1.0)
 
 
-def shift_batch(x_uint8: torch.Tensor, canvas: float, generator: torch.Generator) -> torch.Tensor:
-    """HARD's "shifted" test: paste each image at a random place on a ``canvas``× larger black
-    canvas, then resize the canvas back to the original size (objects get smaller and move)."""
+def shift_batch(x_uint8: torch.Tensor, canvas: float, generator: torch.Generator,
+                mode: str = "canvas") -> torch.Tensor:
+    """The "shifted" test set. ``canvas``: paste each image at a random place on a ``canvas``×
+    larger black canvas, then resize the canvas back (objects get smaller and move).
+    ``translate``: paste it at a random place on the same larger canvas and crop the original
+    size around the centre again, so objects move by up to (canvas - 1) / 2 of the image at the
+    same scale, the part that leaves the frame cut off (as MNIST-C's translations)."""
     n, c, h, w = x_uint8.shape
     big_h, big_w = round(h * canvas), round(w * canvas)
     out = torch.zeros(n, c, big_h, big_w, dtype=torch.float32, device=x_uint8.device)
@@ -56,7 +60,11 @@ def shift_batch(x_uint8: torch.Tensor, canvas: float, generator: torch.Generator
     ox = torch.randint(0, big_w - w + 1, (n,), generator=generator, device=x_uint8.device).tolist()
     for i in range(n):
         out[i, :, oy[i] : oy[i] + h, ox[i] : ox[i] + w] = x_uint8[i].float()
-    out = F.interpolate(out, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    if mode == "translate":
+        top, left = (big_h - h) // 2, (big_w - w) // 2
+        out = out[:, :, top : top + h, left : left + w]
+    else:
+        out = F.interpolate(out, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -276,6 +276,7 @@ def _final_eval(ctx: _Ctx, model: nn.Module) -> tuple[dict[str, Any], torch.Tens
     logits, labels = predict(model, ctx.data.test, **kw)
     pred = logits.argmax(1)
     shifted_logits, _ = predict(model, ctx.data.test, shift_canvas=ctx.recipe.data.shifted_canvas,
+                                shift_mode=ctx.recipe.data.shifted_mode,
                                 shift_seed=ctx.recipe.seed, **kw)
     per, cm = _per_class(pred, labels, ctx.data.class_names)
     return {
