@@ -39,6 +39,12 @@ def _variant(base: Recipe, seed: int, teacher: str | None, method: str, augment:
     })
 
 
+def _shift_text(r: Recipe) -> str:
+    if r.data.shifted_mode == "translate":
+        return f"each test image moved by up to {(r.data.shifted_canvas - 1) / 2:.0%} of its size, same scale"
+    return f"each test image pasted at a random place on a {r.data.shifted_canvas:g}× canvas, then resized back"
+
+
 def _student_row(m: dict) -> dict:
     return {"test_top1": m["student"]["test_top1"], "shifted_top1": m["student"]["shifted_top1"],
             "switches": (m["student"].get("hard") or {}).get("switches")}
@@ -112,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
 
     md = ["# HARD: learned hard augmentations, measured", "",
           f"Made by `{command}` (cells kept in `{out.name}.json`; run it again to continue).", "",
-          "Shifted test: each test image pasted at a random place on a 2× canvas, then resized back. Mean ± "
-          "sample std over seeds; a seed changes the teacher too.", ""]
+          f"Shifted test of the invariance rows: {_shift_text(base)}. Mean ± sample std over seeds; a seed "
+          "changes the teacher too. hard-affine switches per run: "
+          f"{[c.get('switches') for k, c in sorted(cells.cells.items()) if k.startswith('inv|kd-hard-affine')]}.", ""]
     md += table("Invariance: CNN teacher → MLP student (centred training images only)",
                 f"`{args.recipe}`: {base.data.train_subset} training images at {base.data.image_size} px, "
                 f"teacher {base.teacher.arch} width {base.teacher.width} × {base.teacher.epochs} epochs, "

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--betas", default="100,1000,5000", help="beta sweep for at and atkd")
+    ap.add_argument("--sweep-seeds", type=int, default=1, help="seeds of the beta sweep's extra values")
     ap.add_argument("--train-subset", type=int, default=4000)
     ap.add_argument("--test-subset", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--epochs", type=int, default=3, help="student epochs")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     betas = [float(b) for b in args.betas.split(",") if b]
     plan = [(m, base.distill.beta, s) for m in args.methods.split(",") for s in range(args.seeds)]
     plan += [(m, b, s) for m in ("at", "atkd") if m in args.methods.split(",") for b in betas
-             if b != base.distill.beta for s in range(args.seeds)]
+             if b != base.distill.beta for s in range(args.sweep_seeds)]
     for method, beta, seed in plan:
         key = _cell_key(method, beta, seed)
         recipe = base.model_copy(update={

@@ -18,7 +18,7 @@ from edgekd.distill.stage import Progress, _recipe_diff, distill
 from edgekd.errors import EdgekdError
 from edgekd.export import TFLITE_VARIANTS, _sha256, export
 from edgekd.gate import GateResult, gate
-from edgekd.recipe import ExportConfig, GateConfig, Recipe
+from edgekd.recipe import ExportConfig, GateConfig, Recipe, recipe_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     stages: dict[str, str] = {}
     if (run_dir / "metrics.json").is_file() and (run_dir / "student_best.pt").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        diff = _recipe_diff(metrics.get("recipe", {}), recipe.model_dump())
+        diff = _recipe_diff(recipe_from_dict(metrics.get("recipe", {})).model_dump(), recipe.model_dump())
         if diff:
             raise EdgekdError(f"{run_dir} was distilled with another recipe (key '{diff[0]}': {diff[1]!r} -> "
                               f"{diff[2]!r}); use the same recipe or pick a new --out")

@@ -67,6 +67,16 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.teacher_checkpoint
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child the test will Ctrl-C: a process started from a shell without job
+    control (``cmd &`` in a script, some CI runners) inherits SIGINT *ignored*, and Python then
+    never installs its KeyboardInterrupt handler, so the child would sail through the test's
+    SIGINT. Measured: a test suite launched that way failed all four Ctrl-C tests, twice."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def one_line_error(r: Any, code: int = 2) -> str:
     """The CLI's contract for bad input: exit ``code``, one 'error:' line on stderr, no traceback."""
     assert r.exit_code == code, r.output + r.stderr

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from edgekd.cli import app
 
-from conftest import _free_port, _keygen, one_line_error, tiny_recipe_dict, write_recipe, write_rgb_imagefolder
+from conftest import _free_port, _keygen, default_sigint, one_line_error, tiny_recipe_dict, write_recipe, write_rgb_imagefolder
 
 FINISHED_MARKERS = {"metrics.json", "export.json", "bench.json", "report.md"}
 
@@ -404,7 +404,7 @@ def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
 
 def _interrupt(cmd: list[str], ready: Callable[[], bool], timeout: float = 900) -> str:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, proc.stderr.read()

@@ -28,7 +28,7 @@ from edgekd.bench import SSHOptions, _bundle, bench
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
 
-from conftest import REPO, _free_port, _keygen, one_line_error as _one_line_error  # noqa: E402
+from conftest import REPO, _free_port, _keygen, default_sigint, one_line_error as _one_line_error  # noqa: E402
 
 RUNNER = REPO / "deploy" / "edgekd_runner.py"
 ODD = "it's a \"quoted\" dir $HOME;"  # spaces, quotes and shell syntax in file names
@@ -228,7 +228,8 @@ def test_ctrl_c_stops_the_board_and_cleans_up(chain, sshd, odd_export, remote_tm
     cmd = [sys.executable, "-m", "edgekd", "bench", str(odd_export), "--device", "rpi4", *sshd.args(),
            "--python", sys.executable, "--remote-tmp", str(remote_tmp), "--runs", str(10**8), "--samples", "10",
            "--timeout", "60"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_sigint)
     _wait_for_runner(str(remote_tmp))
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     _, err = proc.communicate(timeout=120)

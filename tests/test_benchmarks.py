@@ -10,7 +10,7 @@ from conftest import REPO
 def test_methods_table_is_resumable(tmp_path):
     out = tmp_path / "methods"
     cmd = [sys.executable, str(REPO / "benchmarks" / "methods.py"), "--seeds", "2", "--methods", "ce,at",
-           "--betas", "100", "--train-subset", "300", "--test-subset", "100", "--epochs", "1",
+           "--betas", "100", "--sweep-seeds", "2", "--train-subset", "300", "--test-subset", "100", "--epochs", "1",
            "--teacher-epochs", "1", "--device", "cpu", "--out", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -36,7 +36,7 @@ from edgekd.distill.distiller import Distiller
 from edgekd.distill.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
-from edgekd.recipe import Recipe
+from edgekd.recipe import Recipe, recipe_from_dict
 from edgekd.distributed import World, barrier, init
 from edgekd.report import plot_augmentors, write_plots
 from edgekd.train import _unwrap, evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
@@ -159,7 +159,8 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
     best_val, start = -math.inf, 0
     if ctx.resume and last_path.is_file():
         state = load_checkpoint(last_path)
-        diff = _recipe_diff(state["recipe"], ctx.recipe.model_dump())
+        # Through the model first: a key added since (with its default) is not a difference.
+        diff = _recipe_diff(recipe_from_dict(state["recipe"]).model_dump(), ctx.recipe.model_dump())
         if diff:
             raise EdgekdError(f"{ctx.run_dir} was started with another recipe (key '{diff[0]}': {diff[1]!r} -> "
                               f"{diff[2]!r}); resume with the same recipe or pick a new --out")
