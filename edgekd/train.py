@@ -85,6 +85,8 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
                 hard.end_iteration(disagreement)
                 phase_iters["augmentor"] += 1
                 scheduler.step()  # the schedule follows iterations, so it ends with the last epoch
+                if on_batch is not None:
+                    on_batch(len(y))
                 continue
         with autocast(device):
             logits, terms = distiller(x, y)

@@ -144,7 +144,7 @@ def test_hard_run_resumes_exactly(tmp_path):
     assert {row[1] for row in hard["phase_log"]} == {"student", "augmentor"}
     assert (tmp_path / "full" / "augmentor.png").stat().st_size > 0
     log = (tmp_path / "full" / "log.csv").read_text()
-    assert "loss_hard" in log.splitlines()[0]
+    assert "loss_hard" in log.splitlines()[0] and "hard_switches" in log.splitlines()[0]
 
     with pytest.raises(KeyboardInterrupt):
         distill(recipe, tmp_path / "cut", progress=_StopAfterFirstEpoch())

@@ -210,7 +210,8 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
 
 
 _LOG_COLUMNS = ["role", "epoch", "loss", *[f"loss_{t}" for t in TERMS], "train_top1", "val_top1", "test_top1",
-                "img_per_s", "wall_s", "lr"]
+                "img_per_s", "wall_s", "lr",
+                "hard_student_iters", "hard_augmentor_iters", "hard_switches", "hard_pool"]  # HARD runs only
 
 
 def _write_log(run_dir: Path, role: str, history: list[dict[str, float]]) -> None:
@@ -376,7 +377,7 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     if method.needs_features and not tap_candidates(scfg.arch, student):
         raise EdgekdError(f"method '{method.name}' matches feature maps, and a {scfg.arch} student has none; "
                           "use --method kd (or ce)")
-    if teacher is not None and method.needs_features:
+    if teacher is not None and tap_candidates(scfg.arch, student):  # also for the attention plot of kd runs
         t_shapes = stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher), data.channels, data.image_size)
         s_shapes = stage_shapes(student, tap_candidates(scfg.arch, student), data.channels, data.image_size)
         pairs = pair_stages(t_shapes, s_shapes)
