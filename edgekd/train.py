@@ -22,7 +22,7 @@ from edgekd.distill.methods import TERMS
 from edgekd.recipe import AugmentConfig, TrainConfig
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (HARD's augmentor step only reads it)."""
     return getattr(module, "module", module)
 
@@ -80,7 +80,7 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
             part = world.shard(len(y))
             x, y = x[part], y[part]
         if hard is not None and hard.augmentor_turn:
-            disagreement = hard.augmentor_step(_unwrap(distiller.student), distiller.teacher, x, gen)
+            disagreement = hard.augmentor_step(unwrap(distiller.student), distiller.teacher, x, gen)
             if hard.phase == "augmentor":  # the student waits for its turn
                 hard.end_iteration(disagreement)
                 phase_iters["augmentor"] += 1

@@ -39,7 +39,7 @@ from edgekd.models import build_model, count_params, pair_stages, stage_shapes, 
 from edgekd.recipe import Recipe, recipe_from_dict
 from edgekd.distributed import World, barrier, init
 from edgekd.report import plot_augmentors, write_plots
-from edgekd.train import _unwrap, evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
+from edgekd.train import unwrap, evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
 
 log = logging.getLogger(__name__)
 METRICS_SCHEMA = "edgekd.metrics/1"
@@ -166,7 +166,7 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
                               f"{diff[2]!r}); resume with the same recipe or pick a new --out")
         model.load_state_dict(state["state_dict"])
         if distiller.regressors is not None:
-            _unwrap(distiller.regressors).load_state_dict(state["regressors"])
+            unwrap(distiller.regressors).load_state_dict(state["regressors"])
         if hard is not None:
             hard.load_state_dict(state["hard"])
         opt.load_state_dict(state["optimizer"])
@@ -197,7 +197,7 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
             save_checkpoint(last_path, {
                 **meta, "state_dict": model.state_dict(), "epoch": epoch + 1, "history": history,
                 "best_val": best_val, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "regressors": _unwrap(distiller.regressors).state_dict() if distiller.regressors is not None else {},
+                "regressors": unwrap(distiller.regressors).state_dict() if distiller.regressors is not None else {},
                 "hard": hard.state_dict() if hard is not None else {},
             })
             _write_log(ctx.run_dir, role, history)
@@ -374,12 +374,13 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     s_kwargs = {"width_mult": scfg.width_mult}
     student = _new_student(recipe, data, device)
     pairs = []
-    if method.needs_features and not tap_candidates(scfg.arch, student):
+    s_taps = tap_candidates(scfg.arch, student)
+    if method.needs_features and not s_taps:
         raise EdgekdError(f"method '{method.name}' matches feature maps, and a {scfg.arch} student has none; "
                           "use --method kd (or ce)")
-    if teacher is not None and tap_candidates(scfg.arch, student):  # also for the attention plot of kd runs
+    if teacher is not None and s_taps:  # also for the attention plot of kd runs
         t_shapes = stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher), data.channels, data.image_size)
-        s_shapes = stage_shapes(student, tap_candidates(scfg.arch, student), data.channels, data.image_size)
+        s_shapes = stage_shapes(student, s_taps, data.channels, data.image_size)
         pairs = pair_stages(t_shapes, s_shapes)
     hard = None
     if recipe.distill.augment:
