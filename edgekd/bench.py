@@ -218,6 +218,34 @@ def _bundle(export_dir: Path, models: tuple[str, ...], samples: int) -> tuple[by
     return out.getvalue(), len(images)
 
 
+def _sidecar_tome(export_dir: Path, role: str) -> dict[str, Any] | None:
+    path = export_dir / f"{role}.model.json"
+    return json.loads(path.read_text()).get("tome") if path.is_file() else None
+
+
+def tome_models(export_dir: Path, sweep: tuple[int, ...]) -> tuple[str, ...]:
+    """The fp32 and int8 TFLite files of the ViT student for each r of ``sweep`` (any matcher):
+    the student's own files for the r it was trained with, and ``student-tome-r{r}-*``."""
+    own = _sidecar_tome(export_dir, "student")
+    if own is None:
+        raise EdgekdError(f"--tome-sweep needs a ViT student; {export_dir} holds another model")
+    found: list[str] = []
+    for r in dict.fromkeys(sweep):
+        if r < 0:
+            raise EdgekdError(f"--tome-sweep: r must be 0 or more, got {r}")
+        # at the r it was trained with, the student's own files are that r's own matcher; the other
+        # matcher at the same r has its own files
+        names = ["student_fp32.tflite", "student_int8.tflite"] if r == own["r"] else []
+        names += sorted(p.name for p in export_dir.glob(f"student-tome-r{r}-*.tflite"))
+        names = [n for n in names if (export_dir / n).is_file()]
+        if not names:
+            wanted = ",".join(str(v) for v in sweep)
+            raise EdgekdError(f"{export_dir} has no ToMe r={r} files; run 'edgekd export RUN --int8 "
+                              f"--tome-sweep {wanted} --tome-matcher exact,lsh' first")
+        found += names
+    return tuple(found)
+
+
 def _bench_target(target: Target, bundle: bytes, models: tuple[str, ...], python: str, threads: int, warmup: int,
                   runs: int, timeout: float, remote_tmp: str) -> dict[str, Any]:
     made = target.check(target.run(["mktemp", "-d", f"{remote_tmp.rstrip('/')}/edgekd.XXXXXXXX"]), "creating a temp dir")
@@ -309,8 +337,10 @@ def _profile_warnings(profile: DeviceProfile, models: dict[str, Any]) -> list[st
 def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] = (), *,
           ssh: SSHOptions | None = None, python: str | None = None, threads: int | None = None, runs: int = 200,
           warmup: int = 20, samples: int = 500, timeout: float = 300, remote_tmp: str = "/tmp",
-          models: tuple[str, ...] = MODELS) -> BenchResult:
-    """Run the student int8 and fp32 and the teacher fp32 on each target; write bench.json and report.md."""
+          models: tuple[str, ...] = MODELS, tome_sweep: tuple[int, ...] = ()) -> BenchResult:
+    """Run the student int8 and fp32 and the teacher fp32 on each target; write bench.json and report.md.
+    ``tome_sweep``: also the ViT student's ToMe files for each r (written by ``edgekd export
+    --tome-sweep``), every matcher exported, in a ToMe table and an accuracy-vs-latency PNG."""
     export_dir = Path(export_dir)
     if device not in PROFILES:
         raise EdgekdError(f"unknown device '{device}'; choose from {', '.join(PROFILES)}")
@@ -326,6 +356,8 @@ def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] 
         raise EdgekdError("--runs and --samples must be at least 1, --warmup at least 0")
     if not (export_dir / "export.json").is_file():
         raise EdgekdError(f"{export_dir}: no export.json; run 'edgekd export RUN --int8' first")
+    if tome_sweep:
+        models = tuple(dict.fromkeys(models + tome_models(export_dir, tome_sweep)))
     present = tuple(m for m in models if (export_dir / m).is_file())
     if not any(m.startswith("student") for m in present):
         raise EdgekdError(f"{export_dir}: none of {', '.join(models)} is there; run 'edgekd export RUN --int8'")
@@ -385,9 +417,21 @@ def _report(export_dir: Path, profile: DeviceProfile, outcomes: dict[str, dict[s
     for host, error in errors.items():
         hosts[host] = {"status": "failed", "error": error}
     export = json.loads((export_dir / "export.json").read_text())
+    tome = {}
+    for host, models in outcomes.items():
+        rows = []
+        for name, r in models.items():
+            t = _sidecar_tome(export_dir, _role(name)) if name.startswith("student") else None
+            if t is not None:
+                rows.append({"model": name, "r": t["r"], "matcher": t["matcher"] if t["r"] else "none",
+                             "format": "int8" if "_int8" in name else "fp32", "p50_ms": r["latency_ms"]["p50"],
+                             "accuracy": r["accuracy"]})
+        if rows:
+            tome[host] = sorted(rows, key=lambda row: (row["format"], row["r"] > 0, row["matcher"], row["r"]))
     return {"schema": BENCH_SCHEMA, "edgekd_version": __version__, "export_dir": str(export_dir),
             "device": profile.name, "threads": threads, "runs": runs, "warmup": warmup, "samples": samples,
-            "export_test_top1": {k: v["test_top1"] for k, v in export["artifacts"].items()}, "hosts": hosts}
+            "export_test_top1": {k: v["test_top1"] for k, v in export["artifacts"].items()}, "hosts": hosts,
+            **({"tome": tome} if tome else {})}
 
 
 def ok_hosts(report: dict[str, Any]) -> dict[str, Any]:
@@ -399,8 +443,50 @@ def _write(export_dir: Path, report: dict[str, Any]) -> list[Path]:
     write_json(export_dir / "bench.json", report)
     png = export_dir / "bench_latency.png"
     _histogram(report, png)
+    files = [export_dir / "bench.json", png, export_dir / "report.md"]
+    if report.get("tome"):
+        _tome_plot(report, export_dir / "bench_tome.png")
+        files.append(export_dir / "bench_tome.png")
     write_text(export_dir / "report.md", render_markdown(report, png.name))
-    return [export_dir / "bench.json", png, export_dir / "report.md"]
+    return files
+
+
+def _tome_plot(report: dict[str, Any], path: Path) -> None:
+    """Accuracy against p50 latency for every r, one line per matcher and format, per host."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgekd.checkpoint import atomic_path
+
+    hosts = report["tome"]
+    fig, axes = plt.subplots(1, len(hosts), figsize=(6.5 * len(hosts), 4.2), squeeze=False)
+    for ax, (host, rows) in zip(axes[0], hosts.items(), strict=True):
+        for fmt in ("fp32", "int8"):
+            for matcher in ("exact", "lsh"):
+                pts = sorted((row for row in rows if row["format"] == fmt and row["matcher"] in (matcher, "none")),
+                             key=lambda row: row["r"])
+                if len(pts) < 2 and not any(row["matcher"] == matcher for row in pts):
+                    continue
+                ax.plot([p["p50_ms"] for p in pts], [100 * p["accuracy"] for p in pts],
+                        "-" if fmt == "fp32" else "--", marker="o" if matcher == "exact" else "s",
+                        label=f"{matcher} {fmt}")
+                for p in pts:
+                    ax.annotate(f"r={p['r']}", (p["p50_ms"], 100 * p["accuracy"]), fontsize=7, xytext=(3, 3),
+                                textcoords="offset points")
+        teacher = report["hosts"][host]["models"].get("teacher_fp32.tflite")
+        if teacher:
+            ax.scatter([teacher["latency_ms"]["p50"]], [100 * teacher["accuracy"]], marker="*", s=80,
+                       label="teacher fp32")
+        ax.set_xlabel("p50 latency, ms")
+        ax.set_ylabel("accuracy on the bundled samples, %")
+        ax.set_title(f"{host}: ToMe r sweep")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def _histogram(report: dict[str, Any], path: Path) -> None:
@@ -448,6 +534,15 @@ def render_markdown(report: dict[str, Any], png: str | None = None) -> str:
                       f"{c['peak_rss_ratio']:.2f}, accuracy {100 * c['accuracy_diff']:+.2f} pt"]
         lines += [f"- warning: {w}" for w in h["warnings"]]
         lines.append("")
+    for host, rows in report.get("tome", {}).items():
+        base = {row["format"]: row["p50_ms"] for row in rows if row["r"] == 0}
+        lines += [f"## ToMe on {host}", "", "| r | matcher | format | p50 ms | speed-up vs r=0 | accuracy |",
+                  "|---|---|---|---|---|---|"]
+        for row in rows:
+            speed = f"{base[row['format']] / row['p50_ms']:.2f}×" if row["format"] in base else "–"
+            lines.append(f"| {row['r']} | {row['matcher']} | {row['format']} | {row['p50_ms']:.3f} | {speed} | "
+                         f"{100 * row['accuracy']:.2f} % |")
+        lines += ["", "![ToMe accuracy vs latency](bench_tome.png)", ""]
     if png:
         lines += [f"![latency histogram]({png})", ""]
     return "\n".join(lines)

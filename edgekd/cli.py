@@ -57,6 +57,13 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EAC
                  errno.EEXIST}
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise EdgekdError(f"{flag} {text!r}: expected comma-separated whole numbers such as 0,2,4,8") from None
+
+
 def _parse_sets(items: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -185,9 +192,14 @@ def export(
     calib: int = typer.Option(500, help="training images to calibrate int8 with"),
     max_int8_drop: float = typer.Option(1.0, help="exit 1 when int8 loses more top-1 points than this vs fp32"),
     dynamic_batch: bool = typer.Option(False, help="also write ONNX files with a dynamic batch axis"),
-    converter: str = typer.Option("onnx2tf", help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
-                                  "litert-torch (no TensorFlow, NCHW input)"),
+    converter: str = typer.Option("auto", help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
+                                  "litert-torch (no TensorFlow, NCHW input); auto: litert-torch for ViT students"),
     samples: int = typer.Option(1000, help="test images (with labels) stored in the export dir for the bench"),
+    tome_r: Optional[int] = typer.Option(None, help="ViT: also export the student with ToMe merging R tokens per "
+                                         "block (fixed shapes)"),
+    tome_sweep: str = typer.Option("", help="ViT: comma-separated r values to export, e.g. 0,2,4,8"),
+    tome_matcher: str = typer.Option("exact", help="ToMe matcher(s), comma-separated: exact, lsh"),
+    tome_bits: int = typer.Option(16, help="bits of the lsh matcher's hash codes"),
 ) -> None:
     """Write ONNX and TFLite (fp32, int8, ...) artifacts into RUN_DIR/export and score each on the test set."""
     from edgekd.export import export as run_export
@@ -196,7 +208,10 @@ def export(
         with console.status("exporting and scoring artifacts..."):
             result = run_export(run_dir, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                                 int8=int8, calib=calib, max_int8_drop=max_int8_drop, dynamic_batch=dynamic_batch,
-                                converter=converter, samples=samples)
+                                converter=converter, samples=samples,
+                                tome_r=_int_list(tome_sweep, "--tome-sweep") + ((tome_r,) if tome_r is not None else ()),
+                                tome_matchers=tuple(m.strip() for m in tome_matcher.split(",") if m.strip()),
+                                tome_bits=tome_bits)
     table = Table(title=f"edgekd export: {result.export_dir}")
     table.add_column("artifact", no_wrap=True, min_width=22)
     for col in ("size KB", "convert s", "max |dlogit|", "agree %", "test top-1 %"):
@@ -240,6 +255,16 @@ def _bench_table(report: dict[str, Any]) -> None:
                           f"accuracy {100 * c['accuracy_diff']:+.2f} pt", highlight=False)
         for w in h["warnings"]:
             err_console.print(f"[yellow]warning:[/] {host}: {w}", highlight=False)
+    for host, rows in report.get("tome", {}).items():
+        base = {row["format"]: row["p50_ms"] for row in rows if row["r"] == 0}
+        table = Table(title=f"ToMe on {host}", box=box.SIMPLE_HEAD)
+        for col in ("r", "matcher", "format", "p50 ms", "vs r=0", "top-1 %"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            speed = f"{base[row['format']] / row['p50_ms']:.2f}x" if row["format"] in base else ""
+            table.add_row(str(row["r"]), row["matcher"], row["format"], f"{row['p50_ms']:.3f}", speed,
+                          f"{100 * row['accuracy']:.2f}")
+        console.print(table)
 
 
 def _gate_report(result: Any) -> int:
@@ -293,6 +318,8 @@ def bench(
     samples: int = typer.Option(500, help="test images scored on the board"),
     timeout: float = typer.Option(300, help="seconds each model may run on the board"),
     remote_tmp: str = typer.Option("/tmp", help="folder on the board for the temporary bundle"),
+    tome_sweep: str = typer.Option("", help="ViT: also bench the ToMe files for these r, e.g. 0,2,4,8 "
+                                   "(written by 'edgekd export --tome-sweep')"),
 ) -> None:
     """Time and score the student (int8, fp32) against the teacher on boards over SSH, or here."""
     from edgekd.bench import bench as run_bench
@@ -302,7 +329,7 @@ def bench(
             result = run_bench(export_dir, device, tuple(host),
                                ssh=_ssh_options(port, identity, known_hosts, accept_new_host_key), python=python,
                                threads=threads, runs=runs, warmup=warmup, samples=samples, timeout=timeout,
-                               remote_tmp=remote_tmp)
+                               remote_tmp=remote_tmp, tome_sweep=_int_list(tome_sweep, "--tome-sweep"))
     _bench_table(result.report)
     console.print(f"wrote {', '.join(str(f) for f in result.files)}")
 

@@ -16,7 +16,7 @@ from typing import Any
 from edgekd.bench import SAMPLES_FILE, SSHOptions, bench, ok_hosts
 from edgekd.distill.stage import Progress, _recipe_diff, distill
 from edgekd.errors import EdgekdError
-from edgekd.export import TFLITE_VARIANTS, _sha256, export
+from edgekd.export import TFLITE_VARIANTS, _sha256, export, resolve_converter
 from edgekd.gate import GateResult, gate
 from edgekd.recipe import ExportConfig, GateConfig, Recipe, recipe_from_dict
 
@@ -44,7 +44,8 @@ def _current_export(run_dir: Path, cfg: ExportConfig) -> dict[str, Any] | None:
     report = json.loads((out / "export.json").read_text())
     wanted = {"student.onnx" if f == "onnx" else f"student_{TFLITE_VARIANTS[f]}.tflite" for f in cfg.formats}
     wanted |= {"student_int8.tflite"} if cfg.int8 else set()
-    current = (report.get("converters", {}).get("tflite", "").startswith(cfg.converter)
+    arch = json.loads((out / "student.model.json").read_text()).get("arch", "")
+    current = (report.get("converters", {}).get("tflite", "").startswith(resolve_converter(cfg.converter, arch))
                and wanted <= set(report.get("artifacts", {})))
     return report if current else None
 

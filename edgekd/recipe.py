@@ -67,10 +67,24 @@ class TeacherConfig(_Strict):
 class StudentConfig(_Strict):
     """The small model that goes to the board."""
 
-    arch: Literal["mobilenet_v2", "mlp"] = Field("mobilenet_v2", description="student architecture; mlp has no "
-                                                 "convolutions (HARD's invariance experiment)")
+    arch: Literal["mobilenet_v2", "mlp", "vit"] = Field("mobilenet_v2", description="student architecture; mlp has "
+                                                        "no convolutions (HARD's invariance experiment); vit is "
+                                                        "timm's VisionTransformer (ToMe's target)")
     width_mult: float = Field(1.0, gt=0, le=2.0, description="MobileNetV2 channel multiplier")
     epochs: int = Field(30, ge=1, description="student training epochs")
+    embed_dim: int = Field(64, ge=8, description="vit: token width")
+    depth: int = Field(4, ge=1, description="vit: transformer blocks")
+    num_heads: int = Field(2, ge=1, description="vit: attention heads")
+    patch_size: int = Field(4, ge=1, description="vit: patch side in pixels (28 px / 4 = 49 patch tokens)")
+    tome_r: int = Field(0, ge=0, description="vit: ToMe tokens merged per block while training (0 = off); "
+                        "export and bench can apply another r")
+
+    def model_kwargs(self) -> dict[str, float | int]:
+        """The architecture's own keyword arguments (what a checkpoint records to rebuild it)."""
+        if self.arch == "vit":
+            return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
+                    "patch_size": self.patch_size, "tome_r": self.tome_r}
+        return {"width_mult": self.width_mult}
 
 
 class HardConfig(_Strict):
@@ -126,7 +140,8 @@ class ExportConfig(_Strict):
     int8: bool = Field(True, description="also write the full-integer int8 student")
     calib: int = Field(500, ge=1, description="training images to calibrate int8 with")
     max_int8_drop: float = Field(1.0, description="fail when int8 loses more top-1 points than this")
-    converter: Literal["onnx2tf", "litert-torch"] = Field("onnx2tf", description="TFLite converter")
+    converter: Literal["auto", "onnx2tf", "litert-torch"] = Field(
+        "auto", description="TFLite converter; auto: onnx2tf, litert-torch for a vit student")
     samples: int = Field(1000, ge=1, description="test images (with labels) stored in the export dir for the bench")
 
 

@@ -294,7 +294,7 @@ def _new_student(recipe: Recipe, data: DataBundle, device: torch.device) -> nn.M
     """The student at its initial weights: the distilled one and its baseline start equal."""
     torch.manual_seed(recipe.seed + 1)
     return build_model(recipe.student.arch, data.num_classes, data.channels, data.image_size,
-                       width_mult=recipe.student.width_mult).to(device)
+                       **recipe.student.model_kwargs()).to(device)
 
 
 def baseline_key(recipe: Recipe) -> str:
@@ -325,10 +325,10 @@ def _baseline(ctx: _Ctx, t_pred: torch.Tensor | None) -> dict[str, Any]:
         log.info("baseline: reusing %s", cached)
     else:
         ce = METHODS["ce"]
-        history = _fit(ctx, "baseline", model, recipe.student.arch, {"width_mult": recipe.student.width_mult},
+        history = _fit(ctx, "baseline", model, recipe.student.arch, recipe.student.model_kwargs(),
                        lambda m: Distiller(m, ce, recipe.distill, label_smoothing=recipe.train.label_smoothing),
                        recipe.student.epochs, recipe.train.lr)
-        meta = _model_meta(ctx, "baseline", recipe.student.arch, {"width_mult": recipe.student.width_mult})
+        meta = _model_meta(ctx, "baseline", recipe.student.arch, recipe.student.model_kwargs())
         if ctx.world.main:
             save_checkpoint(cached, {**meta, "state_dict": model.state_dict(), "history": history, "key": key})
         source = "trained"
@@ -371,7 +371,7 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     teacher, t_hist, t_source = _teacher(ctx, method.needs_teacher)
 
     scfg = recipe.student
-    s_kwargs = {"width_mult": scfg.width_mult}
+    s_kwargs = scfg.model_kwargs()
     student = _new_student(recipe, data, device)
     pairs = []
     s_taps = tap_candidates(scfg.arch, student)

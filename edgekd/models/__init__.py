@@ -17,6 +17,7 @@ from edgekd.models.mlp import MLP
 from edgekd.models.mobilenet import _mobilenet_v2
 from edgekd.models.resnet import SMALL_INPUT, _resnet
 from edgekd.models.taps import FeatureTaps, StagePair, count_params, pair_stages, stage_shapes
+from edgekd.models.vit import vit
 
 __all__ = ["SMALL_INPUT", "FeatureTaps", "StagePair", "build_model", "count_params", "pair_stages", "stage_shapes",
            "tap_candidates", "TEACHERS", "STUDENTS"]
@@ -24,14 +25,16 @@ __all__ = ["SMALL_INPUT", "FeatureTaps", "StagePair", "build_model", "count_para
 TEACHERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet(18), "resnet34": _resnet(34), "resnet50": _resnet(50), "cnn": SmallCNN,
 }
-STUDENTS: dict[str, Callable[..., nn.Module]] = {"mobilenet_v2": _mobilenet_v2, "mlp": MLP}
+STUDENTS: dict[str, Callable[..., nn.Module]] = {"mobilenet_v2": _mobilenet_v2, "mlp": MLP, "vit": vit}
 # Modules whose outputs may be tapped, in forward order. Stages are the last tap at each size;
-# an MLP has no feature maps, so methods that need them are refused for it.
+# an MLP has no feature maps and a ViT has tokens (merged away under ToMe, so no fixed spatial
+# grid to take an attention map of), so methods that need feature maps are refused for both.
 TAP_CANDIDATES: dict[str, Callable[[nn.Module], list[str]]] = {
     "resnet": lambda m: ["layer1", "layer2", "layer3", "layer4"],
     "mobilenet_v2": lambda m: [f"features.{i}" for i in range(1, len(m.features))],
     "cnn": lambda m: [f"features.{i}" for i in m.stage_ends],
     "mlp": lambda m: [],
+    "vit": lambda m: [],
 }
 
 

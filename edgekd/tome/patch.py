@@ -1,0 +1,147 @@
+"""ToMe as a patch of timm's VisionTransformer, like facebookresearch/ToMe's ``tome.patch.timm``:
+the model, its blocks and their attention get subclasses that merge ``r`` tokens per block
+between attention and MLP, track each token's size, and add ``log(size)`` to the attention
+logits (proportional attention). Weights and state-dict keys stay timm's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from edgekd.errors import EdgekdError
+from edgekd.tome.merge import MATCHERS, bipartite_soft_matching, merge_wavg, tokens_after
+
+
+def _vit_classes() -> tuple[type, type, type]:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    return VisionTransformer, Block, Attention
+
+
+def _tome_classes() -> tuple[type, type, type]:
+    VisionTransformer, Block, Attention = _vit_classes()
+
+    class ToMeAttention(Attention):
+        """timm's attention, computed explicitly so that it can add log(size) and hand out the keys."""
+
+        def forward(self, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            B, N, _ = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if size is not None:  # proportional attention: a token of size s counts s times
+                attn = attn + size.log()[:, None, None, :, 0]
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+            x = self.proj_drop(self.proj(self.norm(x)))
+            return x, k.mean(1)  # the keys, averaged over heads, are the matching metric
+
+    class ToMeBlock(Block):
+        def forward(self, x: torch.Tensor, size: torch.Tensor | None = None,
+                    **_: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """One block with merging between attention and MLP; returns the tokens and their sizes."""
+            info = self._tome_info
+            r = info["r"][self._tome_index]
+            if r == 0 and size is None:  # nothing merged so far or here: timm's own computation, bit for bit
+                x = x + self.drop_path1(self.ls1(Attention.forward(self.attn, self.norm1(x))))
+                return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), None
+            x_attn, metric = self.attn(self.norm1(x), size if info["prop_attn"] else None)
+            x = x + self.drop_path1(self.ls1(x_attn))
+            if r > 0:
+                merge = bipartite_soft_matching(metric, r, info["class_token"], info["matcher"], info["planes"])
+                if merge is not None:
+                    x, size = merge_wavg(merge, x, size)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), size
+
+    class ToMeVisionTransformer(VisionTransformer):
+        def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Tokens after the last block and their sizes (how many patches each one holds). The
+            sizes pass from block to block as values, not as model state, so tracing and export
+            see a pure function."""
+            x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+            size = None
+            for block in self.blocks:
+                x, size = block(x, size)
+            return x, torch.ones_like(x[..., :1]) if size is None else size
+
+        def forward_features(self, x: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+            return self.norm(self.forward_tokens(x)[0])
+
+    return ToMeVisionTransformer, ToMeBlock, ToMeAttention
+
+
+def max_uniform_r(tokens: int, depth: int, class_token: bool = True) -> int:
+    """The largest r that every block can merge in full (r tokens each, none clamped)."""
+    r = 0
+    while True:
+        counts = tokens_after(tokens, [r + 1] * depth, class_token)
+        if any(a - b != r + 1 for a, b in zip(counts, counts[1:])):
+            return r
+        r += 1
+
+
+def check_r(r: int | list[int], tokens: int, depth: int, class_token: bool = True) -> list[int]:
+    """The per-block schedule for ``r`` (an int: the same r in every block), refused with one line
+    if some block has too few tokens to merge that many."""
+    schedule = [int(r)] * depth if isinstance(r, int) else [int(v) for v in r]
+    if len(schedule) != depth:
+        raise EdgekdError(f"ToMe r schedule has {len(schedule)} values but the ViT has {depth} blocks; "
+                          f"give one r or {depth} values")
+    if any(v < 0 for v in schedule):
+        raise EdgekdError(f"ToMe r must be 0 or more, got {schedule}")
+    t = tokens
+    for i, v in enumerate(schedule):
+        most = (t - int(class_token)) // 2
+        if v > most:
+            raise EdgekdError(f"ToMe r={v} is too large: block {i} sees {t} tokens, so at most {most} can merge "
+                              f"there; with {tokens} tokens and {depth} blocks use r <= "
+                              f"{max_uniform_r(tokens, depth, class_token)}")
+        t -= v
+    return schedule
+
+
+def lsh_planes(dim: int, bits: int, seed: int = 0) -> torch.Tensor:
+    """The d × b random hyperplanes of the LSH matcher, fixed by a seed (saved with the model)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, bits, generator=g)
+
+
+def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact", bits: int = 16,
+               prop_attn: bool = True, seed: int = 0) -> nn.Module:
+    """Patch a timm VisionTransformer in place for ToMe and return it; call again to change r or
+    the matcher. ``r``: tokens merged per block (an int or one value per block); ``matcher``:
+    exact (cosine of the keys) or lsh (``bits``-bit random-hyperplane codes)."""
+    VisionTransformer, Block, Attention = _vit_classes()
+    if not isinstance(model, VisionTransformer):
+        raise EdgekdError(f"ToMe patches a timm VisionTransformer, not a {type(model).__name__}")
+    if matcher not in MATCHERS:
+        raise EdgekdError(f"unknown ToMe matcher '{matcher}'; choose from {', '.join(MATCHERS)}")
+    if matcher == "lsh" and bits < 1:
+        raise EdgekdError("the lsh matcher needs at least 1 bit")
+    ToMeVisionTransformer, ToMeBlock, ToMeAttention = _tome_classes()
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    schedule = check_r(r, tokens, len(model.blocks), class_token=model.cls_token is not None)
+    head_dim = model.blocks[0].attn.head_dim
+    model.__class__ = ToMeVisionTransformer
+    model._tome_info = {"r": schedule, "matcher": matcher, "bits": bits, "prop_attn": prop_attn,
+                        "class_token": model.cls_token is not None,
+                        "planes": lsh_planes(head_dim, bits, seed) if matcher == "lsh" else None}
+    for i, block in enumerate(model.blocks):
+        block.__class__ = ToMeBlock
+        block._tome_index, block._tome_info = i, model._tome_info
+        block.attn.__class__ = ToMeAttention
+    return model
+
+
+def tome_settings(model: nn.Module) -> dict[str, Any] | None:
+    """The ToMe settings of a patched model (r schedule, matcher, bits), or None."""
+    info = getattr(model, "_tome_info", None)
+    if info is None:
+        return None
+    return {"r": list(info["r"]), "matcher": info["matcher"], "bits": info["bits"] if info["matcher"] == "lsh" else None,
+            "prop_attn": info["prop_attn"]}

@@ -1,0 +1,196 @@
+"""Token Merging on the ViT student: the merge against the reference's formulation, token mass,
+the class token, r = 0, the LSH matcher, export parity for r > 0, and the CLI end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import one_line_error, write_recipe
+from edgekd.cli import app
+from edgekd.data import gather, load_dataset
+from edgekd.recipe import DataConfig
+from edgekd.tome import apply_tome, bipartite_soft_matching, check_r, merge_wavg, tokens_after
+from edgekd.tome.patch import lsh_planes
+
+pytest.importorskip("timm")
+
+
+def small_vit(seed: int = 0, image_size: int = 28):
+    from edgekd.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("vit", 10, 1, image_size, embed_dim=32, depth=4, num_heads=2, patch_size=4).eval()
+
+
+def real_images(n: int = 32, image_size: int = 28) -> torch.Tensor:
+    data = load_dataset(DataConfig(train_subset=50, test_subset=max(n, 10), image_size=image_size), seed=0)
+    images, _ = gather(data.test)
+    return (images[:n].float() / 255 - 0.286) / 0.353
+
+
+def reference_merge(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r: int) -> tuple:
+    """facebookresearch/ToMe's bipartite_soft_matching + merge_wavg (class token protected),
+    written from the paper's algorithm with gather / scatter_reduce as the reference does."""
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = m[..., ::2, :], m[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    scores[..., 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
+        return torch.cat([unm, dst], dim=1)
+
+    merged_x, merged_size = merge(x * size), merge(size)
+    return merged_x / merged_size, merged_size
+
+
+@pytest.mark.parametrize("tokens,r", [(50, 1), (50, 8), (50, 24), (65, 16), (17, 8)])
+def test_merge_equals_reference_formulation(tokens: int, r: int) -> None:
+    torch.manual_seed(tokens + r)
+    metric, x = torch.randn(3, tokens, 16), torch.randn(3, tokens, 24)
+    size = torch.randint(1, 4, (3, tokens, 1)).float()
+    want_x, want_size = reference_merge(metric, x, size, r)
+    got_x, got_size = merge_wavg(bipartite_soft_matching(metric, r, class_token=True), x, size)
+    assert got_x.shape == (3, tokens - r, 24)
+    torch.testing.assert_close(got_x, want_x)
+    torch.testing.assert_close(got_size, want_size)
+
+
+@pytest.mark.parametrize("matcher", ["exact", "lsh"])
+@pytest.mark.parametrize("r", [2, 4, [0, 8, 4, 2]])
+def test_token_mass_is_preserved_and_the_class_token_is_never_merged(matcher: str, r) -> None:
+    model = apply_tome(small_vit(), r, matcher, bits=8)
+    tokens, size = model.forward_tokens(real_images(8))
+    schedule = r if isinstance(r, list) else [r] * 4
+    assert tokens.shape[1] == tokens_after(50, schedule)[-1]
+    assert torch.allclose(size.sum(dim=1), torch.full((8, 1), 50.0))  # every patch is in exactly one token
+    assert torch.all(size[:, 0] == 1)  # the class token absorbed nothing
+
+
+def test_class_token_survives_even_when_it_is_every_tokens_best_match() -> None:
+    torch.manual_seed(0)
+    metric = torch.randn(1, 11, 8)
+    metric[:, 0] = metric[:, 1::2].mean(1)  # the class token looks like all of set B
+    x = torch.randn(1, 11, 4)
+    out, size = merge_wavg(bipartite_soft_matching(metric, 5, class_token=True), x, None)
+    torch.testing.assert_close(out[:, 0], x[:, 0])
+    assert size[0, 0, 0] == 1
+
+
+def test_r_zero_is_exactly_the_unpatched_model() -> None:
+    plain = small_vit()
+    x = real_images(8)
+    with torch.no_grad():
+        want = plain(x)
+        got = apply_tome(copy.deepcopy(plain), 0)(x)
+    assert torch.equal(got, want)
+    assert set(plain.state_dict()) == set(apply_tome(copy.deepcopy(plain), 4).state_dict())  # timm's keys
+
+
+def test_lsh_with_enough_bits_reproduces_exact_matching() -> None:
+    torch.manual_seed(1)
+    # keys with well-separated cosines: each B token is a noisy copy of one A token
+    a = torch.nn.functional.normalize(torch.randn(1, 13, 32), dim=-1)
+    b = a[:, :12] + 0.3 * torch.randn(1, 12, 32) * torch.linspace(0.2, 2.0, 12).view(1, 12, 1)
+    metric = torch.stack([a[:, :12], b], dim=2).reshape(1, 24, 32)
+    metric = torch.cat([metric, a[:, 12:]], dim=1)  # 25 tokens: A = even, B = odd
+    x = torch.randn(1, 25, 6)
+    exact = merge_wavg(bipartite_soft_matching(metric, 6), x, None)
+    lsh = merge_wavg(bipartite_soft_matching(metric, 6, matcher="lsh", planes=lsh_planes(32, 8192)), x, None)
+    few = merge_wavg(bipartite_soft_matching(metric, 6, matcher="lsh", planes=lsh_planes(32, 2)), x, None)
+    torch.testing.assert_close(lsh[0], exact[0])
+    assert not torch.allclose(few[0], exact[0])  # 2 bits cannot rank these pairs: the test can fail
+
+
+def test_too_large_r_is_refused_with_the_largest_that_fits() -> None:
+    assert check_r(4, 50, 4) == [4, 4, 4, 4]
+    with pytest.raises(Exception, match=r"ToMe r=30 is too large: block 0 sees 50 tokens, so at most 24 .* r <= 9"):
+        check_r(30, 50, 4)
+    check_r(9, 50, 4)
+    with pytest.raises(Exception, match="too large"):
+        check_r(10, 50, 4)
+
+
+@pytest.mark.parametrize("matcher", ["exact", "lsh"])
+def test_exported_onnx_matches_pytorch_for_r_above_zero(tmp_path, matcher: str) -> None:
+    from edgekd.export import export_onnx, onnx_runner
+
+    model = apply_tome(small_vit(), 6, matcher, bits=16)
+    x = real_images(32)
+    export_onnx(model, x[:1], tmp_path / "m.onnx")
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = onnx_runner(tmp_path / "m.onnx")(x.numpy())
+    diff = np.abs(got - want).max(1)
+    assert np.median(diff) < 1e-4 and (got.argmax(1) == want.argmax(1)).mean() >= 0.96, diff
+
+
+def test_vit_refuses_feature_map_methods(tmp_path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", student={"arch": "vit", "embed_dim": 32, "depth": 2},
+                          distill={"method": "atkd"})
+    msg = one_line_error(CliRunner().invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "run")]))
+    assert "matches feature maps" in msg and "vit" in msg
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory) -> object:
+    """A ViT student trained WITH merging (tome_r 2) on real images, distilled from a small CNN."""
+    d = tmp_path_factory.mktemp("vit")
+    recipe = write_recipe(d / "r.yaml", data={"image_size": 16}, teacher={"arch": "cnn", "width": 8},
+                          student={"arch": "vit", "embed_dim": 32, "depth": 3, "num_heads": 2, "tome_r": 2},
+                          distill={"method": "kd"}, train={"optimizer": "adamw", "lr": 0.002})
+    r = CliRunner().invoke(app, ["distill", str(recipe), "--out", str(d / "run")])
+    assert r.exit_code == 0, r.output + r.stderr
+    return d / "run"
+
+
+def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
+    runner = CliRunner()
+    # 16 px / 4 = 16 patches + class token; 3 blocks: r = 6 leaves 17 -> 11 -> 6, then 6 tokens cannot give 6
+    msg = one_line_error(runner.invoke(app, ["export", str(vit_run), "--tome-r", "6"]))
+    assert "ToMe r=6 is too large" in msg and "r <= 4" in msg
+    r = runner.invoke(app, ["export", str(vit_run), "--int8", "--tome-sweep", "0,2,4", "--tome-matcher",
+                            "exact,lsh", "--calib", "64", "--samples", "100"])
+    assert r.exit_code == 0, r.output + r.stderr
+    report = json.loads((vit_run / "export" / "export.json").read_text())
+    arts = report["artifacts"]
+    assert report["converters"]["tflite"].startswith("litert-torch")  # auto picks it for a ViT
+    # trained with r=2 exact: those are the student's own files; r=0 unpatched; r=4 both matchers; r=2 lsh
+    for stem in ("student", "student-tome-r0-none", "student-tome-r2-lsh", "student-tome-r4-exact",
+                 "student-tome-r4-lsh"):
+        for suffix in (".onnx", "_fp32.tflite", "_int8.tflite"):
+            assert stem + suffix in arts, sorted(arts)
+    assert arts["student-tome-r4-lsh_int8.tflite"]["tome"] == {"r": 4, "matcher": "lsh", "bits": 16}
+    assert arts["student-tome-r4-exact_fp32.tflite"]["parity"]["top1_agreement"] >= 95
+    # int8 ToMe must stay a classifier (the first int8 attempt predicted one class for every image)
+    assert arts["student-tome-r4-exact_int8.tflite"]["test_top1"] > arts["student_int8.tflite"]["test_top1"] - 15
+    sidecar = json.loads((vit_run / "export" / "student.model.json").read_text())
+    assert sidecar["tome"] == {"r": 2, "matcher": "exact"}
+
+    r = runner.invoke(app, ["bench", str(vit_run / "export"), "--device", "local", "--tome-sweep", "0,2,4",
+                            "--runs", "5", "--warmup", "1", "--samples", "50"])
+    assert r.exit_code == 0, r.output + r.stderr
+    bench = json.loads((vit_run / "export" / "bench.json").read_text())
+    rows = bench["tome"]["local"]
+    assert {(row["r"], row["matcher"], row["format"]) for row in rows} == {
+        (r_, m, f) for f in ("fp32", "int8") for r_, m in ((0, "none"), (2, "exact"), (2, "lsh"), (4, "exact"),
+                                                        (4, "lsh"))}
+    assert (vit_run / "export" / "bench_tome.png").stat().st_size > 0
+    msg = one_line_error(runner.invoke(app, ["bench", str(vit_run / "export"), "--tome-sweep", "0,8"]))
+    assert "no ToMe r=8 files" in msg and "--tome-sweep 0,8" in msg
