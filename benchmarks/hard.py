@@ -3,7 +3,7 @@ to an MLP student (the paper's §5.1), and what do they do for MobileNetV2?
 
 Rows, each over ``--seeds`` seeds (a teacher is trained per seed): the student alone, the
 teacher, KD, KD + random shifts (the paper's "Shifts" control: translations up to a quarter of
-the image), KD + hard-affine, KD + hard-mix; then MobileNetV2-0.35 from the quick recipe's
+the image), KD + hard-affine, KD + hard-mix, KD + hard-vae; then MobileNetV2-0.35 from the quick recipe's
 ResNet-18: KD against KD + hard-affine. Centred and shifted test top-1 as mean ± std. Every
 finished cell is kept in ``<out>.json``; run it again to continue.
 
@@ -76,14 +76,14 @@ def main(argv: list[str] | None = None) -> None:
         t_dir = runs / f"inv_teacher_seed{seed}"
         teacher_recipe = base.model_copy(update={"seed": seed, "distill": base.distill.model_copy(
             update={"method": "ce"}), "student": base.student.model_copy(update={"epochs": 1})})
-        rows.setdefault("teacher (CNN)", []).append(cells.run(f"inv|teacher|{seed}", teacher_recipe, t_dir,
-                                                              _teacher_row))
-        teacher = str(t_dir / "teacher_best.pt")
+        row, teacher = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
+        rows.setdefault("teacher (CNN)", []).append(row)
         for label, key, kw in (("student alone (MLP)", "ce", {"method": "ce"}),
                                ("KD", "kd", {"method": "kd"}),
                                ("KD + random shifts", "kd-shifts", {"method": "kd", "shifts": True}),
                                ("KD + hard-affine", "kd-hard-affine", {"method": "kd", "augment": "hard-affine"}),
-                               ("KD + hard-mix", "kd-hard-mix", {"method": "kd", "augment": "hard-mix"})):
+                               ("KD + hard-mix", "kd-hard-mix", {"method": "kd", "augment": "hard-mix"}),
+                               ("KD + hard-vae", "kd-hard-vae", {"method": "kd", "augment": "hard-vae"})):
             rows.setdefault(label, []).append(cells.run(f"inv|{key}|{seed}", _variant(base, seed, teacher, **kw),
                                                         runs / f"inv_{key}_seed{seed}", _student_row))
 
@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             t_dir = runs / f"mb_teacher_seed{seed}"
             teacher_recipe = mb.model_copy(update={"seed": seed, "distill": mb.distill.model_copy(
                 update={"method": "ce"}), "student": mb.student.model_copy(update={"epochs": 1})})
-            mobile.setdefault("teacher (ResNet-18 w16)", []).append(
-                cells.run(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row))
-            teacher = str(t_dir / "teacher_best.pt")
+            row, teacher = cells.teacher(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
+            mobile.setdefault("teacher (ResNet-18 w16)", []).append(row)
             for label, key, kw in (("KD", "kd", {"method": "kd"}),
                                    ("KD + hard-affine", "kd-hard-affine", {"method": "kd", "augment": "hard-affine"})):
                 mobile.setdefault(label, []).append(cells.run(f"mb|{key}|{seed}", _variant(mb, seed, teacher, **kw),

@@ -151,10 +151,11 @@ def main() -> None:
     arts = report["artifacts"]
     top1 = {}
     for label, r, m, stem in rows:
-        top1[label] = {"fp32": arts[f"{stem}_fp32.tflite"]["test_top1"], "int8": arts[f"{stem}_int8.tflite"]["test_top1"],
-                       "torch": arts[f"{stem}.onnx"]["test_top1"]}
+        top1[label] = {"fp32": arts[f"{stem}_fp32.tflite"]["test_top1"],
+                       "int8": arts[f"{stem}_int8.tflite"]["test_top1"], "torch": arts[f"{stem}.onnx"]["test_top1"]}
     ra = ref_report["artifacts"]
-    top1["MobileNetV2 student"] = {"fp32": ra["student_fp32.tflite"]["test_top1"], "int8": ra["student_int8.tflite"]["test_top1"]}
+    top1["MobileNetV2 student"] = {"fp32": ra["student_fp32.tflite"]["test_top1"],
+                                   "int8": ra["student_int8.tflite"]["test_top1"]}
     top1["ResNet-18 teacher (main job)"] = {"fp32": ra["teacher_fp32.tflite"]["test_top1"]}
     top1["CNN teacher (ViT run)"] = {"fp32": arts["teacher_fp32.tflite"]["test_top1"]}
 

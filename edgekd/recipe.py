@@ -130,6 +130,10 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="learning-rate schedule")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when visible, else cpu")
+    compile: bool = Field(False, description="torch.compile the training step (student, teacher forward, loss "
+                          "terms): pays on a GPU after a one-off compile of a minute or two; on a CPU rarely")
+    compile_backend: str = Field("inductor", description="torch.compile backend; aot_eager checks the capture "
+                                 "without code generation (the tests use it)")
 
 
 class ExportConfig(_Strict):

@@ -200,3 +200,29 @@ def test_baseline_is_the_student_alone_and_is_cached(tmp_path, tiny_teacher):
     again = json.loads((tmp_path / "at" / "metrics.json").read_text())["baseline"]
     assert again["source"].startswith("cache:") and again["test_top1"] == b["test_top1"]
     assert not (tmp_path / "at" / "baseline_last.pt").exists()  # reused, not retrained
+
+
+def test_compiled_step_trains_the_same_student_as_eager(tmp_path, tiny_teacher):
+    """train.compile puts the student, the teacher's forward, the feature taps and the AT-KD terms
+    through torch.compile. aot_eager captures the same graphs as inductor (dynamo + AOTAutograd)
+    without generating code, so the test takes seconds; the weights must match eager training."""
+    from edgekd.distill.stage import distill
+    from edgekd.recipe import load_recipe
+
+    weights = {}
+    for name, train in (("eager", {}), ("compiled", {"compile": True, "compile_backend": "aot_eager"})):
+        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", teacher={"checkpoint": str(tiny_teacher)},
+                                          train={**train, "lr": 0.02}))
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        distill(recipe, tmp_path / name)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == (name == "compiled"), graphs  # the compiled run did go through dynamo
+        weights[name] = load_checkpoint(tmp_path / name / "student_last.pt")["state_dict"]
+    for k, v in weights["eager"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(weights["compiled"][k], v, rtol=1e-3, atol=1e-4, msg=k)
+    epochs = {n: json.loads((tmp_path / n / "metrics.json").read_text())["student"]["epochs"][0] for n in weights}
+    for term in ("loss_ce", "loss_kd", "loss_at"):  # every AT-KD term went through the compiled graph
+        assert epochs["compiled"][term] > 0
+        assert epochs["compiled"][term] == pytest.approx(epochs["eager"][term], rel=1e-4)

@@ -164,7 +164,7 @@ def test_export_errors_are_one_line_exit_2(tmp_path, exported):
     r = CliRunner().invoke(app, ["export", str(exported[0].parent), "--formats", "coreml"])
     assert r.exit_code == 2 and "unknown format 'coreml'" in r.stderr
     r = CliRunner().invoke(app, ["export", str(exported[0].parent), "--converter", "tvm"])
-    assert r.exit_code == 2 and "unknown converter 'tvm'; choose from onnx2tf, litert-torch" in r.stderr
+    assert r.exit_code == 2 and "unknown converter 'tvm'; choose from auto, onnx2tf, litert-torch" in r.stderr
 
 
 def test_checkpoint_of_another_architecture_is_one_line(tmp_path, exported):

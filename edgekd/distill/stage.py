@@ -151,6 +151,9 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
         distiller.student = DDP(distiller.student, device_ids=ids)
         if distiller.regressors is not None:
             distiller.regressors = DDP(distiller.regressors, device_ids=ids)
+    # One graph for the student's forward, the frozen teacher's forward, the taps and the loss terms;
+    # the optimizer step stays eager. The module is shared, so checkpoints read the same weights.
+    step = torch.compile(distiller, backend=cfg.compile_backend) if cfg.compile else distiller
     opt = make_optimizer(distiller.trainable_parameters(), cfg, lr)
     steps = max(1, len(ctx.data.train) // cfg.batch_size) if len(ctx.data.train) >= cfg.batch_size else 1
     sched = make_scheduler(opt, cfg, lr, epochs * steps)
@@ -180,7 +183,7 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
         ctx.progress.start(f"{role} {epoch + 1}/{epochs}", len(ctx.data.train))
         row: dict[str, float] = {"epoch": epoch + 1}
         row.update(train_one_epoch(
-            distiller, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
+            step, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
             batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard, world=ctx.world,
             on_batch=ctx.progress.advance,
         ))
