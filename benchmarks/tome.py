@@ -86,6 +86,44 @@ def matching_ms(tokens: int, dim: int, head_dim: int, r: int, bits: int, runs: i
     return out
 
 
+# Where would merging pay? Larger ViTs of the same family, untrained (latency does not depend on
+# the weights), timed at r = 0, half the largest uniform r and the largest: (label, px, patch, width, depth).
+SCALING = (("edgekd student size, 28 px / 4", 28, 4, 64, 4), ("ViT-Ti width, 32 px / 4", 32, 4, 192, 12),
+           ("ViT-Ti width, 32 px / 2", 32, 2, 192, 12))
+
+
+def scaling(workdir: Path, runs: int) -> list[dict]:
+    """PyTorch and onnxruntime latency (1 thread, batch 1) of ToMe on larger ViTs."""
+    from edgekd.export import export_onnx
+    from edgekd.models import build_model
+    from edgekd.tome import max_uniform_r, tokens_after
+
+    torch.set_num_threads(1)
+    out = []
+    for label, px, patch, width, depth in SCALING:
+        tokens = (px // patch) ** 2 + 1
+        top = max_uniform_r(tokens, depth)
+        calls, meta = {}, {}
+        for r in sorted({0, top // 2, top}):
+            torch.manual_seed(0)
+            model = build_model("vit", 10, 1, px, embed_dim=width, depth=depth, num_heads=3 if width == 192 else 2,
+                                patch_size=patch).eval()
+            apply_tome(model, r)
+            x = torch.randn(1, 1, px, px)
+            onnx_path = workdir / f"scaling-{px}-{patch}-{width}-{depth}-r{r}.onnx"
+            if not onnx_path.is_file():
+                export_onnx(model, x, onnx_path)
+            calls[f"{r}|torch"], calls[f"{r}|ort"] = torch_invoke(model, x), ort_invoke(onnx_path, 1)
+            meta[r] = tokens_after(tokens, [r] * depth)[-1]
+        t = time_round_robin(calls, runs=runs, warmup=10)
+        for r, last in meta.items():
+            out.append({"model": label, "tokens": tokens, "depth": depth, "width": width, "r": r, "tokens_last": last,
+                        "torch_ms": t[f"{r}|torch"], "ort_ms": t[f"{r}|ort"],
+                        "torch_speedup": t["0|torch"] / t[f"{r}|torch"], "ort_speedup": t["0|ort"] / t[f"{r}|ort"]})
+        print(f"scaling: {label} done", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "fashion_mnist_vit.yaml"))
@@ -161,8 +199,10 @@ def main() -> None:
 
     torch.set_num_threads(1)
     match = {r: matching_ms(tokens, kw["embed_dim"], head_dim, r, args.bits) for r in sweep if r}
+    scaled = scaling(run_dir, max(50, args.runs // 3))
     data = {"sweep": sweep, "bits": args.bits, "tokens": tokens, "depth": kw["depth"], "embed_dim": kw["embed_dim"],
             "latency_ms": latency, "top1": top1, "matching_ms": {str(k): v for k, v in match.items()},
+            "scaling": scaled,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "wall_s": time.perf_counter() - t_start, "test_images": arts["student.onnx"]["test_images"]}
     write_json(out.with_suffix(".json"), data)
@@ -213,6 +253,15 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int])
         share = f"{100 * data['depth'] * mm[m] / fwd:.1f} %" if fwd else "–"
         lines.append(f"| {r} | {m} | {base / lat[f'{label}|int8'][str(threads[0])]:.2f}× | {mm[m]:.4f} | "
                      f"{mm[m + '_with_merge']:.4f} | {share} |")
+    lines += ["", "Where merging starts to pay: the same ViT family, larger and untrained (latency does not "
+              "depend on the weights), exact ToMe at r = 0, half the largest uniform r and the largest; batch 1, "
+              "1 thread, median ms:", "",
+              "| model | tokens | blocks × width | r | tokens after the last block | PyTorch ms | speed-up | "
+              "onnxruntime ms | speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in data["scaling"]:
+        lines.append(f"| {row['model']} | {row['tokens']} | {row['depth']} × {row['width']} | {row['r']} | "
+                     f"{row['tokens_last']} | {row['torch_ms']:.3f} | {row['torch_speedup']:.2f}× | "
+                     f"{row['ort_ms']:.3f} | {row['ort_speedup']:.2f}× |")
     lines += ["", "![top-1 vs latency](tome.png)", ""]
     return "\n".join(lines)
 
