@@ -458,8 +458,6 @@ def _tome_plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgekd.checkpoint import atomic_path
-
     hosts = report["tome"]
     fig, axes = plt.subplots(1, len(hosts), figsize=(6.5 * len(hosts), 4.2), squeeze=False)
     for ax, (host, rows) in zip(axes[0], hosts.items(), strict=True):
@@ -483,6 +481,14 @@ def _tome_plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("accuracy on the bundled samples, %")
         ax.set_title(f"{host}: ToMe r sweep")
         ax.legend(fontsize=7)
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from edgekd.checkpoint import atomic_path
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -495,8 +501,6 @@ def _histogram(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgekd.checkpoint import atomic_path
-
     hosts = ok_hosts(report)
     fig, axes = plt.subplots(len(hosts), 1, figsize=(7, 2.8 * len(hosts)), squeeze=False)
     for ax, (host, h) in zip(axes[:, 0], hosts.items(), strict=True):
@@ -507,10 +511,7 @@ def _histogram(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("runs")
         ax.set_title(f"{host}: {board_name(h['machine'])}, {report['threads']} threads")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def render_markdown(report: dict[str, Any], png: str | None = None) -> str:
