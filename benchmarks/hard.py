@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-subset", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--mobilenet-train-subset", type=int, default=3000)
     ap.add_argument("--mobilenet-epochs", type=int, default=2)
+    ap.add_argument("--mobilenet-seeds", type=int, default=None, help="default: --seeds")
     ap.add_argument("--no-mobilenet", action="store_true")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default="benchmarks/hard", help="writes OUT.md, OUT.json and OUT_runs/")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_mobilenet:
         mb = load_recipe(args.mobilenet_recipe, {"data.train_subset": args.mobilenet_train_subset,
                                                  "student.epochs": args.mobilenet_epochs, "train.device": args.device})
-        for seed in range(args.seeds):
+        for seed in range(args.seeds if args.mobilenet_seeds is None else args.mobilenet_seeds):
             t_dir = runs / f"mb_teacher_seed{seed}"
             teacher_recipe = mb.model_copy(update={"seed": seed, "distill": mb.distill.model_copy(
                 update={"method": "ce"}), "student": mb.student.model_copy(update={"epochs": 1})})
@@ -120,6 +121,12 @@ def main(argv: list[str] | None = None) -> None:
           f"Shifted test of the invariance rows: {_shift_text(base)}. Mean ± sample std over seeds; a seed "
           "changes the teacher too. hard-affine switches per run: "
           f"{[c.get('switches') for k, c in sorted(cells.cells.items()) if k.startswith('inv|kd-hard-affine')]}.", ""]
+    retrained = {k: c for k, c in sorted(cells.cells.items()) if "retrained_test_top1" in c}
+    if retrained:
+        md += ["Some cells were added on another machine, whose run dirs were gone: their teachers were trained "
+               "again from the same seed and data (recorded → retrained top-1: " + ", ".join(
+                   f"{k.split('|')[0]} seed {k.split('|')[2]} {c['test_top1']:.2f} → {c['retrained_test_top1']:.2f}"
+                   for k, c in retrained.items()) + "); the rows show the recorded teachers.", ""]
     md += table("Invariance: CNN teacher → MLP student (centred training images only)",
                 f"`{args.recipe}`: {base.data.train_subset} training images at {base.data.image_size} px, "
                 f"teacher {base.teacher.arch} width {base.teacher.width} × {base.teacher.epochs} epochs, "

@@ -216,8 +216,9 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int])
     cmd = f"python benchmarks/tome.py --sweep {args.sweep} --bits {args.bits} --threads {args.threads}"
     lines = [
         "# ToMe on a small ViT student: top-1 and host latency", "",
-        f"Made by `{cmd}` in {data['wall_s'] / 60:.0f} min on {data['machine']} (no GPU, no Pi: host "
-        "latency; `edgekd bench --device rpi4 --tome-sweep ...` measures a board).", "",
+        f"Made by `{cmd}` on {data['machine']} (no GPU, no Pi: host latency; `edgekd bench --device rpi4 "
+        f"--tome-sweep ...` measures a board). This run took {data['wall_s'] / 60:.0f} min; the distillation "
+        "and the export sweep it reuses from `tome_runs/vit` took 28 and ~20 min the first time.", "",
         f"ViT student: `recipes/fashion_mnist_vit.yaml` (timm VisionTransformer, {data['depth']} blocks, width "
         f"{data['embed_dim']}, {data['tokens']} tokens = 49 patches + class token), distilled with KD from a small "
         f"CNN; top-1 on {data['test_images']} Fashion-MNIST test images. r = tokens merged per block "
