@@ -21,6 +21,7 @@ class Cells:
     def __init__(self, json_path: Path) -> None:
         self.path = json_path
         self.data: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {"cells": {}}
+        self.after: Callable[[], Any] | None = None  # called after each new cell (a report rewrite)
 
     @property
     def cells(self) -> dict[str, dict[str, Any]]:
@@ -37,6 +38,8 @@ class Cells:
             write_json(self.path, self.data)
             print(f"{key}: {json.dumps({k: v for k, v in self.cells[key].items() if isinstance(v, (int, float))})}",
                   flush=True)
+            if self.after is not None:
+                self.after()
         return self.cells[key]
 
 
@@ -65,3 +68,36 @@ def mean_std(values: list[float]) -> str:
         return ""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
+
+
+# Two-sided 95 % quantiles of Student's t, t_{0.975, df}, for df = 1..30 (beyond: the normal 1.96
+# is within 2 % from df = 60 on; 30 < df < 60 uses df = 30's, a slightly wider interval).
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (two-sided 95 %)."""
+    if df < 1:
+        raise ValueError("a t interval needs at least two paired values")
+    return _T975[df - 1] if df <= 30 else (_T975[-1] if df < 60 else 1.96)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, float] | None:
+    """Mean of ``a[s] - b[s]`` over the seeds both have, its sample std and the 95 % interval of
+    the mean (t distribution with n - 1 degrees of freedom). None with fewer than two pairs."""
+    diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if len(diffs) < 2:
+        return None
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t975(len(diffs) - 1) * std / len(diffs) ** 0.5
+    return {"n": len(diffs), "mean": mean, "std": std, "lo": mean - half, "hi": mean + half}
+
+
+def format_difference(d: dict[str, float] | None) -> str:
+    """``+1.23 [+0.45, +2.01] (n=5)``; a star marks an interval that excludes 0."""
+    if d is None:
+        return ""
+    star = " *" if d["lo"] > 0 or d["hi"] < 0 else ""
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (n={d['n']}){star}"

@@ -9,6 +9,12 @@ finished cell is kept in ``<out>.json``; run it again to continue.
 
     python benchmarks/hard.py --seeds 3                          # the table in benchmarks/hard.md
     python benchmarks/hard.py --seeds 1 --train-subset 2000      # a quick look
+    python benchmarks/hard.py --converged                        # benchmarks/hard_converged.md
+
+``--converged`` is the paper's budget on Fashion-MNIST: the full training set (54,000 images after
+the validation split), teacher and student trained until validation top-1 has not improved for
+``--patience`` epochs (early stopping on validation; at most ``--max-epochs``), the priority rows
+(KD, the random-shift control, KD + hard-affine) seed by seed first.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cells import Cells, mean_std  # noqa: E402
+from cells import Cells, format_difference, mean_std, paired_difference  # noqa: E402
 
 from edgekd.checkpoint import write_text  # noqa: E402
 from edgekd.recipe import Recipe, load_recipe  # noqa: E402
@@ -46,8 +52,13 @@ def _shift_text(r: Recipe) -> str:
 
 
 def _student_row(m: dict) -> dict:
+    epochs = m["student"]["epochs"]
     return {"test_top1": m["student"]["test_top1"], "shifted_top1": m["student"]["shifted_top1"],
-            "switches": (m["student"].get("hard") or {}).get("switches")}
+            "val_top1": m["student"]["val_top1"], "epochs_run": len(epochs),
+            "switches": (m["student"].get("hard") or {}).get("switches"),
+            "pool": (m["student"].get("hard") or {}).get("pool"),
+            "switches_per_epoch": [e.get("hard_switches") for e in epochs],
+            "val_per_epoch": [e.get("val_top1") for e in epochs]}
 
 
 def _teacher_row(m: dict) -> dict:
@@ -65,79 +76,133 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mobilenet-seeds", type=int, default=None, help="default: --seeds")
     ap.add_argument("--no-mobilenet", action="store_true")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="benchmarks/hard", help="writes OUT.md, OUT.json and OUT_runs/")
+    ap.add_argument("--converged", action="store_true", help="full training set, early stopping (see above)")
+    ap.add_argument("--patience", type=int, default=3, help="--converged: epochs without a better val top-1")
+    ap.add_argument("--max-epochs", type=int, default=40, help="--converged: student epochs at most")
+    ap.add_argument("--teacher-max-epochs", type=int, default=12, help="--converged: teacher epochs at most")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT_runs/ "
+                    "[default: benchmarks/hard, --converged: benchmarks/hard_converged]")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.out = args.out or ("benchmarks/hard_converged" if args.converged else "benchmarks/hard")
     command = "python " + shlex.join(["benchmarks/hard.py", *(argv if argv is not None else sys.argv[1:])])
     out, runs = Path(args.out), Path(f"{args.out}_runs")
     cells = Cells(Path(f"{out}.json"))
-    base = load_recipe(args.recipe, {"data.train_subset": args.train_subset, "train.device": args.device})
+    overrides = {"data.train_subset": args.train_subset, "train.device": args.device}
+    if args.converged:  # the whole training set (train_subset null), early stopping on validation
+        overrides.update({"train.patience": args.patience, "student.epochs": args.max_epochs,
+                          "teacher.epochs": args.teacher_max_epochs})
+    base = load_recipe(args.recipe, overrides)
+    if args.converged and args.train_subset is None:
+        base = base.model_copy(update={"data": base.data.model_copy(update={"train_subset": None})})
 
-    rows: dict[str, list[dict]] = {}
-    for seed in range(args.seeds):
-        t_dir = runs / f"inv_teacher_seed{seed}"
-        teacher_recipe = base.model_copy(update={"seed": seed, "distill": base.distill.model_copy(
-            update={"method": "ce"}), "student": base.student.model_copy(update={"epochs": 1})})
-        row, teacher = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
-        rows.setdefault("teacher (CNN)", []).append(row)
-        for label, key, kw in (("student alone (MLP)", "ce", {"method": "ce"}),
-                               ("KD", "kd", {"method": "kd"}),
-                               ("KD + random shifts", "kd-shifts", {"method": "kd", "shifts": True}),
-                               ("KD + hard-affine", "kd-hard-affine", {"method": "kd", "augment": "hard-affine"}),
-                               ("KD + hard-mix", "kd-hard-mix", {"method": "kd", "augment": "hard-mix"}),
-                               ("KD + hard-vae", "kd-hard-vae", {"method": "kd", "augment": "hard-vae"})):
-            rows.setdefault(label, []).append(cells.run(f"inv|{key}|{seed}", _variant(base, seed, teacher, **kw),
-                                                        runs / f"inv_{key}_seed{seed}", _student_row))
-
+    variants = (("student alone (MLP)", "ce", {"method": "ce"}),
+                ("KD", "kd", {"method": "kd"}),
+                ("KD + random shifts", "kd-shifts", {"method": "kd", "shifts": True}),
+                ("KD + hard-affine", "kd-hard-affine", {"method": "kd", "augment": "hard-affine"}),
+                ("KD + hard-mix", "kd-hard-mix", {"method": "kd", "augment": "hard-mix"}),
+                ("KD + hard-vae", "kd-hard-vae", {"method": "kd", "augment": "hard-vae"}))
+    # seed by seed, the rows that answer the question first; hard-mix, hard-vae and the student
+    # alone after every seed of those (the converged budget makes each cell long)
+    first = ("kd", "kd-shifts", "kd-hard-affine") if args.converged else tuple(v[1] for v in variants)
+    order = [(seed, v) for seed in range(args.seeds) for v in variants if v[1] in first]
+    order += [(seed, v) for seed in range(args.seeds) for v in variants if v[1] not in first]
+    rows: dict[str, list[dict]] = {"teacher (CNN)": []}
+    teachers: dict[int, str] = {}
     mobile: dict[str, list[dict]] = {}
+    # the deployable: in --converged, AT-KD (the main job's method) against AT-KD + hard-affine at
+    # the main job's budget; else the first table's KD at a small budget
+    mb_method = "atkd" if args.converged else "kd"
+    mb_label = {"atkd": "AT-KD", "kd": "KD"}[mb_method]
+    if args.converged:
+        args.mobilenet_train_subset, args.mobilenet_epochs = 8000, None
+    mb = load_recipe(args.mobilenet_recipe, {"data.train_subset": args.mobilenet_train_subset,
+                                             "student.epochs": args.mobilenet_epochs, "train.device": args.device})
+    args.mobilenet_epochs = mb.student.epochs
+
+    def table(title: str, setting: str, table_rows: dict[str, list[dict]], reference: str) -> list[str]:
+        lines = [f"## {title}", "", setting, "",
+                 f"| row | seeds | centred top-1 % | shifted top-1 % | Δ centred vs {reference}, pt [95 % CI] | "
+                 f"Δ shifted vs {reference}, pt [95 % CI] | epochs run | switches | wall s / run |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        kd = {r["seed"]: r for r in table_rows.get(reference, [])}
+
+        def delta(rs: list[dict], col: str) -> str:
+            d = paired_difference({r["seed"]: r[col] for r in rs}, {s: r[col] for s, r in kd.items()})
+            if d is None:  # one pair: the difference itself
+                one = [r[col] - kd[r["seed"]][col] for r in rs if r["seed"] in kd]
+                return f"{one[0]:+.2f} (n=1)" if one else ""
+            return format_difference(d)
+
+        for label, rs in table_rows.items():
+            if not rs:
+                continue
+            vs_kd = label.startswith(f"{reference} +")
+            lines.append(f"| {label} | {len(rs)} | {mean_std([r['test_top1'] for r in rs])} | "
+                         f"{mean_std([r['shifted_top1'] for r in rs])} | {delta(rs, 'test_top1') if vs_kd else ''} | "
+                         f"{delta(rs, 'shifted_top1') if vs_kd else ''} | "
+                         f"{', '.join(str(r['epochs_run']) for r in rs if r.get('epochs_run'))} | "
+                         f"{', '.join(str(r['switches']) for r in rs if r.get('switches') is not None)} | "
+                         f"{statistics.fmean(r['wall_s'] for r in rs):.0f} |")
+        return lines + [""]
+
+    def report() -> str:
+        md = ["# HARD: learned hard augmentations, measured", "",
+              f"Made by `{command}` (cells kept in `{out.name}.json`; run it again to continue).", "",
+              f"Shifted test of the invariance rows: {_shift_text(base)}. Mean ± sample std over seeds; a seed "
+              "changes the teacher too. hard-affine switches per run: "
+              f"{[c.get('switches') for k, c in sorted(cells.cells.items()) if k.startswith('inv|kd-hard-affine')]}.", ""]
+        retrained = {k: c for k, c in sorted(cells.cells.items()) if "retrained_test_top1" in c}
+        if retrained:
+            md += ["Some cells were added on another machine, whose run dirs were gone: their teachers were trained "
+                   "again from the same seed and data (recorded → retrained top-1: " + ", ".join(
+                       f"{k.split('|')[0]} seed {k.split('|')[2]} {c['test_top1']:.2f} → {c['retrained_test_top1']:.2f}"
+                       for k, c in retrained.items()) + "); the rows show the recorded teachers.", ""]
+        md += table("Invariance: CNN teacher → MLP student (centred training images only)",
+                    f"`{args.recipe}`: {base.data.train_subset or 'all'} training images at {base.data.image_size} px, "
+                    f"teacher {base.teacher.arch} width {base.teacher.width} × {base.teacher.epochs} epochs, "
+                    f"student {base.student.arch} × {base.student.epochs} epochs"
+                    + (f" at most, early stopping after {args.patience} epochs without a better validation top-1"
+                       if args.converged else "") + f", KD T={base.distill.temperature}, HARD thresholds "
+                    f"ℓmin {base.distill.hard.l_min:g} % / ℓmax {base.distill.hard.l_max:g} %. "
+                    "Paper (MNIST, MLP student): KD + HARD-Affine +28.6 pt over KD on shifted digits.", rows, "KD")
+        if mobile:
+            md += table(f"MobileNetV2-0.35 from ResNet-18 (main job's recipe, {mb_method})",
+                        f"`{args.mobilenet_recipe}` with {args.mobilenet_train_subset} training images, "
+                        f"{args.mobilenet_epochs} student epochs.", mobile, mb_label)
+        text = "\n".join(md)
+        write_text(Path(f"{out}.md"), text)
+        return text
+
+    cells.after = report  # the report is rewritten after every new cell
+    for seed, (label, key, kw) in order:
+        if seed not in teachers:
+            t_dir = runs / f"inv_teacher_seed{seed}"
+            teacher_recipe = base.model_copy(update={"seed": seed, "distill": base.distill.model_copy(
+                update={"method": "ce"}), "student": base.student.model_copy(update={"epochs": 1})})
+            row, teachers[seed] = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
+            rows["teacher (CNN)"].append({**row, "seed": seed})
+        rows.setdefault(label, []).append({**cells.run(f"inv|{key}|{seed}", _variant(base, seed, teachers[seed], **kw),
+                                                       runs / f"inv_{key}_seed{seed}", _student_row), "seed": seed})
+
     if not args.no_mobilenet:
-        mb = load_recipe(args.mobilenet_recipe, {"data.train_subset": args.mobilenet_train_subset,
-                                                 "student.epochs": args.mobilenet_epochs, "train.device": args.device})
         for seed in range(args.seeds if args.mobilenet_seeds is None else args.mobilenet_seeds):
             t_dir = runs / f"mb_teacher_seed{seed}"
             teacher_recipe = mb.model_copy(update={"seed": seed, "distill": mb.distill.model_copy(
                 update={"method": "ce"}), "student": mb.student.model_copy(update={"epochs": 1})})
             row, teacher = cells.teacher(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
-            mobile.setdefault("teacher (ResNet-18 w16)", []).append(row)
-            for label, key, kw in (("KD", "kd", {"method": "kd"}),
-                                   ("KD + hard-affine", "kd-hard-affine", {"method": "kd", "augment": "hard-affine"})):
-                mobile.setdefault(label, []).append(cells.run(f"mb|{key}|{seed}", _variant(mb, seed, teacher, **kw),
-                                                              runs / f"mb_{key}_seed{seed}", _student_row))
-
-    def table(title: str, setting: str, table_rows: dict[str, list[dict]], reference: str) -> list[str]:
-        lines = [f"## {title}", "", setting, "",
-                 "| row | seeds | centred top-1 % | shifted top-1 % | Δ shifted vs KD, pt (paired) | wall s / run |",
-                 "|---|---|---|---|---|---|"]
-        kd = {i: r for i, r in enumerate(table_rows.get(reference, []))}
-        for label, rs in table_rows.items():
-            deltas = [r["shifted_top1"] - kd[i]["shifted_top1"] for i, r in enumerate(rs) if i in kd]
-            lines.append(f"| {label} | {len(rs)} | {mean_std([r['test_top1'] for r in rs])} | "
-                         f"{mean_std([r['shifted_top1'] for r in rs])} | "
-                         f"{mean_std(deltas) if label.startswith('KD +') else ''} | "
-                         f"{statistics.fmean(r['wall_s'] for r in rs):.0f} |")
-        return lines + [""]
-
-    md = ["# HARD: learned hard augmentations, measured", "",
-          f"Made by `{command}` (cells kept in `{out.name}.json`; run it again to continue).", "",
-          f"Shifted test of the invariance rows: {_shift_text(base)}. Mean ± sample std over seeds; a seed "
-          "changes the teacher too. hard-affine switches per run: "
-          f"{[c.get('switches') for k, c in sorted(cells.cells.items()) if k.startswith('inv|kd-hard-affine')]}.", ""]
-    retrained = {k: c for k, c in sorted(cells.cells.items()) if "retrained_test_top1" in c}
-    if retrained:
-        md += ["Some cells were added on another machine, whose run dirs were gone: their teachers were trained "
-               "again from the same seed and data (recorded → retrained top-1: " + ", ".join(
-                   f"{k.split('|')[0]} seed {k.split('|')[2]} {c['test_top1']:.2f} → {c['retrained_test_top1']:.2f}"
-                   for k, c in retrained.items()) + "); the rows show the recorded teachers.", ""]
-    md += table("Invariance: CNN teacher → MLP student (centred training images only)",
-                f"`{args.recipe}`: {base.data.train_subset} training images at {base.data.image_size} px, "
-                f"teacher {base.teacher.arch} width {base.teacher.width} × {base.teacher.epochs} epochs, "
-                f"student {base.student.arch} × {base.student.epochs} epochs, KD T={base.distill.temperature}. "
-                "Paper (MNIST, MLP student): KD + HARD-Affine +28.6 pt over KD on shifted digits.", rows, "KD")
-    if mobile:
-        md += table("MobileNetV2-0.35 from ResNet-18 (quick scale)",
-                    f"`{args.mobilenet_recipe}` with {args.mobilenet_train_subset} training images, "
-                    f"{args.mobilenet_epochs} student epochs.", mobile, "KD")
-    write_text(Path(f"{out}.md"), "\n".join(md))
-    print("\n".join(md))
+            mobile.setdefault("teacher (ResNet-18 w16)", []).append({**row, "seed": seed})
+            for label, key, kw in ((mb_label, mb_method, {"method": mb_method}),
+                                   (f"{mb_label} + hard-affine", f"{mb_method}-hard-affine",
+                                    {"method": mb_method, "augment": "hard-affine"})):
+                mobile.setdefault(label, []).append({**cells.run(
+                    f"mb|{key}|{seed}", _variant(mb, seed, teacher, **kw), runs / f"mb_{key}_seed{seed}", _student_row),
+                    "seed": seed})
+    print(report())
 
 
 if __name__ == "__main__":

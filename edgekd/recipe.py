@@ -111,6 +111,8 @@ class DistillConfig(_Strict):
     beta: float = Field(1000.0, ge=0, description="weight of the attention term (Zagoruyko: ~1000)")
     p: float = Field(2.0, gt=0, description="attention map exponent: mean_c |f|^p")
     fitnet_weight: float = Field(1.0, ge=0, description="weight of the FitNet hint term")
+    warmup_epochs: float = Field(0.0, ge=0, description="ramp the teacher's terms (kd, at, fitnet) linearly from 0 "
+                                 "to full weight over this many epochs; cross-entropy is never ramped")
     baseline: bool = Field(False, description="also train the same student alone (ce) and report the method's "
                            "gain over it; cached across runs")
     augment: str | None = Field(None, description="HARD augmentor trained against the student: hard-affine, "
@@ -129,6 +131,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
     schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="learning-rate schedule")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
+    patience: int | None = Field(None, ge=1, description="early stopping: stop when validation top-1 has not "
+                                 "improved for this many epochs (the epochs are then a maximum); None = off")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when visible, else cpu")
     compile: bool = Field(False, description="torch.compile the training step (student, teacher forward, loss "
                           "terms): pays on a GPU after a one-off compile of a minute or two; on a CPU rarely")

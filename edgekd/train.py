@@ -18,7 +18,8 @@ from edgekd.data import Split
 from edgekd.distributed import World, all_reduce_sum
 from edgekd.data.augment import augment_batch, shift_batch
 from edgekd.distill.distiller import Distiller
-from edgekd.distill.methods import TERMS
+from edgekd.distill.losses import warmup_scale
+from edgekd.distill.methods import TEACHER_TERMS, TERMS
 from edgekd.recipe import AugmentConfig, TrainConfig
 
 
@@ -59,12 +60,14 @@ def prepare_batch(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.Optimizer, scheduler,
                     *, mean: torch.Tensor, std: torch.Tensor, aug: AugmentConfig, batch_size: int,
                     device: torch.device, seed: int, hard: HardTraining | None = None, world: World = World(),
+                    first_step: int = 0, warmup_steps: int = 0,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``.
     With ``hard`` (HARD), augmentor iterations take the batch in augmentor phases, and student
     iterations add HARD's term on augmented images to the method's terms. Under DDP every rank
     draws the same global batch and augmentation and trains on its own shard of it, so N
-    processes with batch B take the steps one process takes with batch B."""
+    processes with batch B take the steps one process takes with batch B. The teacher's terms are
+    scaled by ``warmup_scale(first_step + i, warmup_steps)`` at the i-th iteration (logged scaled)."""
     distiller.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -74,7 +77,7 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, phase_iters = 0, {"student": 0, "augmentor": 0}
     t0 = time.perf_counter()
-    for x_u8, y in split.batches(batch_size, device, seed=seed):
+    for i, (x_u8, y) in enumerate(split.batches(batch_size, device, seed=seed)):
         x = prepare_batch(x_u8, mean, std, aug, gen)
         if world.size > 1:
             part = world.shard(len(y))
@@ -90,6 +93,9 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
                 continue
         with autocast(device):
             logits, terms = distiller(x, y)
+            if warmup_steps:
+                scale = warmup_scale(first_step + i, warmup_steps)
+                terms = {k: v * scale if k in TEACHER_TERMS else v for k, v in terms.items()}
             if hard is not None:
                 terms["hard"], disagreement = hard.student_term(distiller.student, distiller.teacher, x, gen)
         loss = sum(terms.values())

@@ -19,10 +19,26 @@ def test_methods_table_is_resumable(tmp_path):
     assert len(cells) == 2 * 3  # ce, at at the default beta, at at beta 100: two seeds each
     table = (tmp_path / "methods.md").read_text()
     assert "benchmarks/methods.py --seeds 2" in table and "student alone" in table and "RepDistiller" in table
-    assert "| at | 100 | 2 |" in table
+    assert "- at, β = 100:" in table and "| at | β=1000 | 2 |" in table
+    assert (tmp_path / "methods_teacher.pt").is_file()  # the table's one teacher, kept beside it
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0 and "seed=" not in again.stdout.split("# Distillation")[0]  # nothing rerun
     assert json.loads((tmp_path / "methods.json").read_text())["cells"] == cells
+
+
+def test_paired_difference_and_t_interval_by_hand():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cells import format_difference, paired_difference
+
+    # differences 2, 3, 1 (seed 3 has no partner): mean 2, sample std 1, t(0.975, 2) = 4.303
+    d = paired_difference({0: 80.0, 1: 82.0, 2: 81.0, 3: 90.0}, {0: 78.0, 1: 79.0, 2: 80.0})
+    half = 4.303 / 3 ** 0.5
+    assert d["n"] == 3 and d["mean"] == 2.0 and d["std"] == 1.0
+    assert (d["lo"], d["hi"]) == (2.0 - half, 2.0 + half)
+    assert format_difference(d) == "+2.00 [-0.48, +4.48] (n=3)"  # includes 0: no star
+    five = paired_difference({s: 1.0 + s % 2 for s in range(5)}, {s: 0.0 for s in range(5)})
+    assert format_difference(five).endswith("*")  # 1, 2, 1, 2, 1: the interval excludes 0
+    assert paired_difference({0: 1.0}, {0: 0.0}) is None
 
 
 def test_hard_table_runs_and_resumes(tmp_path):

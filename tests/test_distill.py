@@ -226,3 +226,50 @@ def test_compiled_step_trains_the_same_student_as_eager(tmp_path, tiny_teacher):
     for term in ("loss_ce", "loss_kd", "loss_at"):  # every AT-KD term went through the compiled graph
         assert epochs["compiled"][term] > 0
         assert epochs["compiled"][term] == pytest.approx(epochs["eager"][term], rel=1e-4)
+
+
+def test_warmup_ramps_only_the_teacher_terms():
+    """train_one_epoch scales kd/at/fitnet by the ramp at each step and leaves ce alone; the terms
+    come from a distiller whose terms are constants, so the logged means are exact."""
+    import torch.nn as nn
+
+    from edgekd.data import TensorSplit
+    from edgekd.recipe import AugmentConfig, TrainConfig
+    from edgekd.train import make_optimizer, train_one_epoch
+
+    class ConstantTerms(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, y):
+            logits = torch.zeros(len(y), 10) + self.w
+            one = 1.0 + 0 * self.w
+            return logits, {"ce": one, "kd": 2 * one, "at": 3 * one}
+
+    split = TensorSplit(torch.zeros(40, 1, 4, 4, dtype=torch.uint8), torch.zeros(40, dtype=torch.long))
+    d = ConstantTerms()
+    opt = make_optimizer(list(d.parameters()), TrainConfig(), 0.0)
+    kw = dict(mean=torch.zeros(1), std=torch.ones(1), aug=AugmentConfig(crop_padding=0, hflip=False, rotation_deg=0,
+              brightness=0), batch_size=10, device=torch.device("cpu"), seed=0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    # 4 steps per epoch, warm-up over 8 steps: epoch 2 (steps 4..7) has scales 5/8 .. 8/8
+    row = train_one_epoch(d, split, opt, sched, first_step=4, warmup_steps=8, **kw)
+    scale = (5 + 6 + 7 + 8) / 8 / 4
+    assert row["loss_kd"] == pytest.approx(2 * scale) and row["loss_at"] == pytest.approx(3 * scale)
+    assert row["loss_ce"] == pytest.approx(1.0)
+    row = train_one_epoch(d, split, opt, sched, first_step=8, warmup_steps=8, **kw)
+    assert row["loss_kd"] == pytest.approx(2.0)  # after the warm-up: full weight
+
+
+def test_early_stopping_stops_when_validation_stalls(tmp_path, tiny_teacher):
+    from edgekd.distill.stage import distill
+    from edgekd.recipe import load_recipe
+
+    # an MLP (no BatchNorm statistics to drift) at lr 1e-12: the weights never move, validation stalls
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", teacher={"checkpoint": str(tiny_teacher)},
+                                      distill={"method": "kd"}, student={"arch": "mlp", "epochs": 6},
+                                      train={"lr": 1e-12, "patience": 1}))
+    metrics = distill(recipe, tmp_path / "run").metrics
+    assert len(metrics["student"]["epochs"]) == 2  # epoch 1 is the best; epoch 2 does not beat it; stop
+    assert metrics["student"]["epochs_run"] == 2 and metrics["student"]["stopped_early"]

@@ -82,3 +82,19 @@ def test_resnet50_and_large_inputs_keep_torchvision_layout():
     assert t.conv1.stride == (2, 2) and not isinstance(t.maxpool, torch.nn.Identity)
     shapes = stage_shapes(t, tap_candidates("resnet50", t), 3, 96)
     assert shapes["layer1"] == (256, 24, 24) and shapes["layer4"] == (2048, 3, 3)
+
+
+def test_warmup_scale_ramps_linearly_then_holds():
+    from edgekd.distill.losses import warmup_scale
+
+    assert [warmup_scale(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_scale(0, 0) == 1.0  # no warm-up: full weight from the first step
+
+
+def test_epochs_since_best_reads_the_first_best_epoch():
+    from edgekd.distill.stage import _epochs_since_best
+
+    h = [{"val_top1": v} for v in (50.0, 60.0, 60.0, 55.0)]
+    assert _epochs_since_best(h) == 2  # 60 first reached at epoch 2; a tie is no improvement
+    assert _epochs_since_best(h[:2]) == 0
+    assert _epochs_since_best([{"val_top1": float("nan")}]) == 0

@@ -82,3 +82,13 @@ def softmax_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: f
     log_p = F.log_softmax(target_logits.float() / t, dim=1)
     log_q = F.log_softmax(logits.float() / t, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (t * t)
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """Linear warm-up of the distillation terms: ``min(1, (step + 1) / warmup_steps)`` for the
+    0-based optimisation ``step`` (1 for every step when ``warmup_steps`` is 0). The teacher's
+    targets weigh in gradually while the student's cross-entropy trains from the first step, a
+    common schedule for the KD term (e.g. DeiT-style and CRD-style trainers warm the loss mix)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)

@@ -14,6 +14,7 @@ from edgekd.distill.losses import at_loss, hint_loss, kd_loss
 from edgekd.errors import EdgekdError
 
 TERMS = ("ce", "kd", "at", "fitnet", "hard")  # hard: HARD's student term (edgekd.augment.hard)
+TEACHER_TERMS = ("kd", "at", "fitnet")  # the terms distill.warmup_epochs ramps up
 
 
 class LossWeights(Protocol):

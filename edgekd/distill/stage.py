@@ -179,13 +179,19 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
     meta = _model_meta(ctx, role, arch, model_kwargs)
     # The baseline sees exactly the student's batches, augmentation and dropout: same seed.
     role_seed = ctx.recipe.seed * 1000 + (0 if role == "teacher" else 500)
+    # the teacher's terms of the student (and the baseline's, which has none) ramp up from 0
+    warmup_steps = round(ctx.recipe.distill.warmup_epochs * steps) if role != "teacher" else 0
     for epoch in range(start, epochs):
+        if cfg.patience and _epochs_since_best(history) >= cfg.patience:
+            log.info("%s: validation top-1 has not improved for %d epochs: stopping after epoch %d",
+                     role, cfg.patience, epoch)
+            break
         ctx.progress.start(f"{role} {epoch + 1}/{epochs}", len(ctx.data.train))
         row: dict[str, float] = {"epoch": epoch + 1}
         row.update(train_one_epoch(
             step, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
             batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard, world=ctx.world,
-            on_batch=ctx.progress.advance,
+            first_step=epoch * steps, warmup_steps=warmup_steps, on_batch=ctx.progress.advance,
         ))
         row["val_top1"] = evaluate(model, ctx.data.val, **ctx.eval_kwargs())["top1"]
         row["test_top1"] = evaluate(model, ctx.data.test, **ctx.eval_kwargs())["top1"]
@@ -210,6 +216,16 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
     distiller.remove_taps()
     model.load_state_dict(load_checkpoint(best_path)["state_dict"])
     return history
+
+
+def _epochs_since_best(history: list[dict[str, float]]) -> int:
+    """Epochs since the best validation top-1 (0 when the last epoch was the best). Read from the
+    history, so a resumed run stops exactly where the uninterrupted one would."""
+    vals = [h["val_top1"] for h in history if not math.isnan(h["val_top1"])]
+    if not vals:
+        return 0
+    best = max(range(len(vals)), key=lambda i: (vals[i], -i))  # the first epoch that reached the best
+    return len(vals) - 1 - best
 
 
 _LOG_COLUMNS = ["role", "epoch", "loss", *[f"loss_{t}" for t in TERMS], "train_top1", "val_top1", "test_top1",
@@ -418,7 +434,8 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
                 "shifted_top1": s_eval["shifted_top1"] - b_section["shifted_top1"],
                 "agreement_top1": (agreement - b_section["agreement_top1"]) if agreement is not None else None}
     s_section = {"arch": scfg.arch, "params": count_params(student), "method": method.name,
-                 "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist}
+                 "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist, "epochs_run": len(s_hist),
+                 "stopped_early": len(s_hist) < scfg.epochs}
     if hard is not None:
         s_section["hard"] = {"augmentor": recipe.distill.augment, "pool": len(hard.pool), "switches": hard.switches,
                              "l_min": hard.l_min, "l_max": hard.l_max, "consecutive": hard.k,
