@@ -408,5 +408,24 @@ def run(
     raise typer.Exit(code)
 
 
+@app.command()
+def models(
+    zoo: Optional[str] = typer.Option(None, help="timm or torchvision [default: both]"),
+    filter_: str = typer.Option("", "--filter", help="only names that contain this text, e.g. mobilenet"),
+) -> None:
+    """List the models teacher.arch and student.arch accept: edgekd's own and the zoos'."""
+    from edgekd.models import STUDENTS, TEACHERS
+    from edgekd.models.zoo import list_models
+
+    with _user_errors("nothing was written"):
+        names = list_models(zoo, filter_)
+    own = [n for n in [*TEACHERS, *STUDENTS] if filter_.lower() in n] if zoo is None else []
+    for n in own:
+        console.print(f"{n}  (edgekd, small-input stem)", highlight=False)
+    for n in names:
+        console.print(n, highlight=False, soft_wrap=True)
+    err_console.print(f"{len(own) + len(names)} models", highlight=False)
+
+
 if __name__ == "__main__":
     app()

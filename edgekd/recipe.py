@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekd.augment import AUGMENTORS  # the registries are the source of valid names
 from edgekd.distill.methods import METHODS
@@ -55,21 +55,38 @@ class DataConfig(_Strict):
 class TeacherConfig(_Strict):
     """The teacher: trained here, loaded from a checkpoint, or torchvision's ImageNet weights."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "cnn"] = Field(
-        "resnet50", description="teacher architecture; cnn is a small 4-layer CNN (width = its first channels)")
+    arch: str = Field(
+        "resnet50", description="resnet18, resnet34, resnet50, cnn (a small 4-layer CNN, width = its first "
+        "channels), or any classifier of the zoos as timm/<name> or torchvision/<name> (`edgekd models`)")
     width: int = Field(64, ge=4, description="channels of the first ResNet stage (64 = torchvision's)")
-    pretrained: bool = Field(False, description="start from torchvision ImageNet weights (downloads)")
+    pretrained: bool = Field(False, description="start from the zoo's ImageNet weights (downloads)")
+    weights: str | None = Field(None, description="your own weights for teacher.arch: a state dict (.pt/.pth), "
+                                ".safetensors, or a checkpoint holding one; epochs 0 uses them as they are, "
+                                "epochs > 0 fine-tunes them (a head of another class count is then replaced)")
     checkpoint: str | None = Field(None, description="use this trained teacher instead of training one")
-    epochs: int = Field(30, ge=0, description="teacher training epochs (0 with pretrained: use as is)")
+    epochs: int = Field(30, ge=0, description="teacher training epochs (0 with pretrained or weights: use as is)")
     lr: float | None = Field(None, gt=0, description="teacher learning rate; None = train.lr")
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_arch(v, ("resnet18", "resnet34", "resnet50", "cnn"))
+
+
+def _check_arch(v: str, short: tuple[str, ...]) -> str:
+    if v in short or (v.split("/", 1)[0] in ("timm", "torchvision") and len(v.split("/", 1)) == 2 and v.split("/")[1]):
+        return v
+    raise ValueError(f"'{v}' is not one of {', '.join(short)}, timm/<name> or torchvision/<name>")
 
 
 class StudentConfig(_Strict):
     """The small model that goes to the board."""
 
-    arch: Literal["mobilenet_v2", "mlp", "vit"] = Field("mobilenet_v2", description="student architecture; mlp has "
-                                                        "no convolutions (HARD's invariance experiment); vit is "
-                                                        "timm's VisionTransformer (ToMe's target)")
+    arch: str = Field("mobilenet_v2", description="mobilenet_v2, mlp (no convolutions: HARD's invariance "
+                      "experiment), vit (timm's VisionTransformer, ToMe's target), or any classifier of the zoos as "
+                      "timm/<name> or torchvision/<name> (`edgekd models`)")
+    weights: str | None = Field(None, description="warm start: your own weights for student.arch (as teacher.weights; "
+                                "a head of another class count is replaced)")
     width_mult: float = Field(1.0, gt=0, le=2.0, description="MobileNetV2 channel multiplier")
     epochs: int = Field(30, ge=1, description="student training epochs")
     embed_dim: int = Field(64, ge=8, description="vit: token width")
@@ -79,8 +96,15 @@ class StudentConfig(_Strict):
     tome_r: int = Field(0, ge=0, description="vit: ToMe tokens merged per block while training (0 = off); "
                         "export and bench can apply another r")
 
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _check_arch(v, ("mobilenet_v2", "mlp", "vit"))
+
     def model_kwargs(self) -> dict[str, float | int]:
         """The architecture's own keyword arguments (what a checkpoint records to rebuild it)."""
+        if "/" in self.arch:  # a zoo model is its name
+            return {}
         if self.arch == "vit":
             return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
                     "patch_size": self.patch_size, "tome_r": self.tome_r}
@@ -231,6 +255,14 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise EdgekdError(f"recipe {path}: {_first_error(e)}; fix it or see recipes/README.md") from None
+    for role, arch in (("teacher", recipe.teacher.arch), ("student", recipe.student.arch)):
+        if "/" in arch:
+            from edgekd.models.zoo import check_zoo_name
+
+            try:
+                check_zoo_name(arch)
+            except EdgekdError as e:
+                raise EdgekdError(f"recipe {path}: key '{role}.arch': {e}") from None
     d = recipe.distill
     if d.method not in METHODS:
         raise EdgekdError(f"recipe {path}: key 'distill.method': unknown method '{d.method}'; "

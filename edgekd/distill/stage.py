@@ -36,6 +36,7 @@ from edgekd.distill.distiller import Distiller
 from edgekd.distill.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
+from edgekd.models.weights import load_weights
 from edgekd.recipe import Recipe, recipe_from_dict
 from edgekd.distributed import World, barrier, init
 from edgekd.report import plot_augmentors, write_plots
@@ -96,6 +97,7 @@ class _Ctx:
     mean: torch.Tensor
     std: torch.Tensor
     world: World = World()
+    weights_loaded: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> LoadReport.as_dict()
 
     def eval_kwargs(self) -> dict[str, Any]:
         return dict(mean=self.mean, std=self.std, batch_size=self.recipe.train.eval_batch_size, device=self.device)
@@ -193,6 +195,9 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
             batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard, world=ctx.world,
             first_step=epoch * steps, warmup_steps=warmup_steps, on_batch=ctx.progress.advance,
         ))
+        if not math.isfinite(row["loss"]):
+            raise EdgekdError(f"{role}: the training loss became {row['loss']} in epoch {epoch + 1}; lower train.lr "
+                              f"(now {lr:g}){' or teacher.lr' if role == 'teacher' else ''} and start again")
         row["val_top1"] = evaluate(model, ctx.data.val, **ctx.eval_kwargs())["top1"]
         row["test_top1"] = evaluate(model, ctx.data.test, **ctx.eval_kwargs())["top1"]
         history.append(row)
@@ -264,15 +269,20 @@ def _teacher(ctx: _Ctx, needs_teacher: bool) -> tuple[nn.Module | None, list[dic
                 f"teacher checkpoint {tcfg.checkpoint} takes {ckpt.get('in_channels')}x{ckpt.get('image_size')}px "
                 f"input, the recipe gives {data.channels}x{data.image_size}px; set data.image_size to match")
         return build_from_checkpoint(ckpt, tcfg.checkpoint).to(ctx.device), [], f"checkpoint:{tcfg.checkpoint}"
-    if tcfg.epochs == 0 and not tcfg.pretrained:
+    if tcfg.epochs == 0 and not tcfg.pretrained and not tcfg.weights:
         if needs_teacher:
-            raise EdgekdError("the method needs a teacher: set teacher.epochs > 0 or teacher.checkpoint")
+            raise EdgekdError("the method needs a teacher: set teacher.epochs > 0, teacher.weights or "
+                              "teacher.checkpoint")
         return None, [], "none"
     kwargs = {"width": tcfg.width, "pretrained": tcfg.pretrained}
     torch.manual_seed(ctx.recipe.seed)
-    model = build_model(tcfg.arch, data.num_classes, data.channels, data.image_size, **kwargs).to(ctx.device)
+    model = build_model(tcfg.arch, data.num_classes, data.channels, data.image_size, **kwargs)
+    if tcfg.weights:  # the user's own weights; with epochs > 0 they are fine-tuned (a new head if needed)
+        ctx.weights_loaded["teacher"] = load_weights(model, tcfg.weights, role="teacher", arch=tcfg.arch,
+                                                     new_head_ok=tcfg.epochs > 0).as_dict()
+    model = model.to(ctx.device)
     kwargs["pretrained"] = False  # the checkpoint holds the weights; rebuilding must not download
-    if tcfg.epochs == 0:  # an ImageNet teacher used as it is
+    if tcfg.epochs == 0:  # ImageNet weights or the user's, used as they are
         if ctx.world.main:
             save_checkpoint(ctx.run_dir / "teacher_best.pt", {**_model_meta(ctx, "teacher", tcfg.arch, kwargs),
                                                               "state_dict": model.state_dict(), "epoch": 0})
@@ -309,11 +319,19 @@ def _final_eval(ctx: _Ctx, model: nn.Module) -> tuple[dict[str, Any], torch.Tens
     }, pred
 
 
-def _new_student(recipe: Recipe, data: DataBundle, device: torch.device) -> nn.Module:
-    """The student at its initial weights: the distilled one and its baseline start equal."""
+def _new_student(recipe: Recipe, data: DataBundle, device: torch.device,
+                 loaded: dict[str, dict[str, Any]] | None = None) -> nn.Module:
+    """The student at its initial weights (the user's ``student.weights`` when given): the
+    distilled one and its baseline start equal."""
     torch.manual_seed(recipe.seed + 1)
-    return build_model(recipe.student.arch, data.num_classes, data.channels, data.image_size,
-                       **recipe.student.model_kwargs()).to(device)
+    model = build_model(recipe.student.arch, data.num_classes, data.channels, data.image_size,
+                        **recipe.student.model_kwargs())
+    if recipe.student.weights:
+        report = load_weights(model, recipe.student.weights, role="student", arch=recipe.student.arch,
+                              new_head_ok=True)
+        if loaded is not None:
+            loaded["student"] = report.as_dict()
+    return model.to(device)
 
 
 def baseline_key(recipe: Recipe) -> str:
@@ -321,6 +339,8 @@ def baseline_key(recipe: Recipe) -> str:
     train = recipe.train.model_dump(exclude={"device"})
     spec = {"student": recipe.student.model_dump(), "data": recipe.data.model_dump(exclude={"num_workers"}),
             "train": train, "seed": recipe.seed, "edgekd": __version__}
+    if recipe.student.weights and Path(recipe.student.weights).is_file():  # the warm start's content, not its name
+        spec["student_weights_sha256"] = hashlib.sha256(Path(recipe.student.weights).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -368,6 +388,11 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     if started and not resume:
         raise EdgekdError(f"{run_dir} already holds a run ({', '.join(started)}); pass --resume to continue it "
                           "or choose another --out")
+    resumed = None
+    if resume:
+        resumed = "continued" if started else "nothing to resume: started a new run"
+        if not started:
+            log.warning("nothing to resume in %s: starting a new run", run_dir)
     method = get_method(recipe.distill.method)
     device = resolve_device(recipe.train.device)
     world = init(device.type)
@@ -391,14 +416,18 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
 
     scfg = recipe.student
     s_kwargs = scfg.model_kwargs()
-    student = _new_student(recipe, data, device)
+    student = _new_student(recipe, data, device, ctx.weights_loaded)
     pairs = []
-    s_taps = tap_candidates(scfg.arch, student)
+    s_taps = tap_candidates(scfg.arch, student, data.channels, data.image_size)
     if method.needs_features and not s_taps:
         raise EdgekdError(f"method '{method.name}' matches feature maps, and a {scfg.arch} student has none; "
                           "use --method kd (or ce)")
     if teacher is not None and s_taps:  # also for the attention plot of kd runs
-        t_shapes = stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher), data.channels, data.image_size)
+        t_taps = tap_candidates(recipe.teacher.arch, teacher, data.channels, data.image_size)
+        if method.needs_features and not t_taps:
+            raise EdgekdError(f"method '{method.name}' matches feature maps, and a {recipe.teacher.arch} teacher has "
+                              "none; use --method kd (or ce)")
+        t_shapes = stage_shapes(teacher, t_taps, data.channels, data.image_size)
         s_shapes = stage_shapes(student, s_taps, data.channels, data.image_size)
         pairs = pair_stages(t_shapes, s_shapes)
     hard = None
@@ -456,6 +485,8 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         "baseline": b_section,
         "gain_over_baseline": gain,
         "wall_s": time.perf_counter() - t_start,
+        "resume": resumed,
+        "weights_loaded": ctx.weights_loaded,
     }
     metrics["world_size"] = world.size
     files: list[Path] = []
