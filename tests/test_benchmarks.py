@@ -64,6 +64,26 @@ def test_hard_table_runs_and_resumes(tmp_path):
     assert (tmp_path / "hard_runs" / "inv_teacher_seed0" / "teacher_best.pt").is_file()
 
 
+def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_teacher):
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", data={"train_subset": 300, "test_subset": 100})
+    out = tmp_path / "students"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "students.py"), "--recipe", str(recipe), "--teacher",
+           str(tiny_teacher), "--families", "mobilenet_v2,torchvision/mobilenet_v3_small,mlp", "--seeds", "1",
+           "--runs", "10", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    cells = json.loads((tmp_path / "students.json").read_text())["cells"]
+    assert cells["mlp|seed=0"]["method"] == "kd"  # no feature maps: KD
+    assert cells["torchvision/mobilenet_v3_small|seed=0"]["method"] == "atkd"
+    for c in cells.values():
+        assert c["int8_p50_ms_1t"] > 0 and c["int8_p50_ms_2t"] > 0 and c["int8_bytes"] > 0
+    table = (tmp_path / "students.md").read_text()
+    assert "| torchvision/mobilenet_v3_small | atkd | 1 |" in table
+    assert (tmp_path / "students.png").is_file()
+
+
 def test_distill_throughput_prints_every_step_kind_and_the_ceiling():
     cmd = [sys.executable, str(REPO / "benchmarks" / "distill_throughput.py"), "--device", "cpu", "--teacher",
            "resnet18", "--teacher-width", "8", "--width-mult", "0.25", "--size", "16", "--batch-sizes", "16,32",
