@@ -487,13 +487,14 @@ def _tome_roles(ckpt: dict[str, Any], path: Path, rs: tuple[int, ...], matchers:
     trained = _trained_tome(ckpt)
     roles = {}
     for r in sorted(set(rs)):
-        check_r(r, tokens, int(kw.get("depth", 4)))
+        schedule = check_r(r, tokens, int(kw.get("depth", 4)))  # what each block merges (later ones clamped)
         for m in matchers:
             if trained and r == trained["r"] and m == trained["matcher"]:
                 continue  # that is the student's own file
             if r == 0 and m != matchers[0]:
                 continue  # r = 0 merges nothing: one unpatched file is enough
-            roles[f"student-tome-r{r}-{m if r else 'none'}"] = {"r": r, "matcher": m if r else "none",
+            roles[f"student-tome-r{r}-{m if r else 'none'}"] = {"r": r, "schedule": schedule,
+                                                               "matcher": m if r else "none",
                                                                **({"bits": bits} if m == "lsh" and r else {})}
     return roles
 

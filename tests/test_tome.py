@@ -118,13 +118,17 @@ def test_lsh_with_enough_bits_reproduces_exact_matching() -> None:
     assert not torch.allclose(few[0], exact[0])  # 2 bits cannot rank these pairs: the test can fail
 
 
-def test_too_large_r_is_refused_with_the_largest_that_fits() -> None:
+def test_r_is_clamped_per_block_as_the_reference_does_and_refused_only_past_the_first_block() -> None:
     assert check_r(4, 50, 4) == [4, 4, 4, 4]
-    with pytest.raises(Exception, match=r"ToMe r=30 is too large: block 0 sees 50 tokens, so at most 24 .* r <= 9"):
-        check_r(30, 50, 4)
-    check_r(9, 50, 4)
-    with pytest.raises(Exception, match="too large"):
-        check_r(10, 50, 4)
+    # 50 tokens: the first block merges 16 (at most 24); then 34 -> 16, 18 -> 8 (half of 17), 10 -> 4
+    assert check_r(16, 50, 4) == [16, 16, 8, 4]
+    assert tokens_after(50, check_r(16, 50, 4)) == tokens_after(50, [16] * 4)
+    # DeiT-Ti's token count and depth: the paper's r = 16 runs; its last block has 21 tokens and merges 10
+    assert check_r(16, 197, 12) == [16] * 11 + [10]
+    assert check_r(24, 50, 4)[0] == 24
+    with pytest.raises(Exception, match=r"ToMe r=25 is too large: the first block sees 50 tokens, so at most 24 "
+                                        r"can merge there; use r <= 24 \(r <= 9 merges"):
+        check_r(25, 50, 4)
 
 
 @pytest.mark.parametrize("matcher", ["exact", "lsh"])
@@ -162,9 +166,9 @@ def vit_run(tmp_path_factory) -> object:
 
 def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
     runner = CliRunner()
-    # 16 px / 4 = 16 patches + class token; 3 blocks: r = 6 leaves 17 -> 11 -> 6, then 6 tokens cannot give 6
-    msg = one_line_error(runner.invoke(app, ["export", str(vit_run), "--tome-r", "6"]))
-    assert "ToMe r=6 is too large" in msg and "r <= 4" in msg
+    # 16 px / 4 = 16 patches + class token: the first block can merge at most 8
+    msg = one_line_error(runner.invoke(app, ["export", str(vit_run), "--tome-r", "9"]))
+    assert "ToMe r=9 is too large" in msg and "r <= 8" in msg
     r = runner.invoke(app, ["export", str(vit_run), "--int8", "--tome-sweep", "0,2,4", "--tome-matcher",
                             "exact,lsh", "--calib", "64", "--samples", "100"])
     assert r.exit_code == 0, r.output + r.stderr
@@ -176,7 +180,7 @@ def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
                  "student-tome-r4-lsh"):
         for suffix in (".onnx", "_fp32.tflite", "_int8.tflite"):
             assert stem + suffix in arts, sorted(arts)
-    assert arts["student-tome-r4-lsh_int8.tflite"]["tome"] == {"r": 4, "matcher": "lsh", "bits": 16}
+    assert arts["student-tome-r4-lsh_int8.tflite"]["tome"] == {"r": 4, "schedule": [4, 4, 4], "matcher": "lsh", "bits": 16}
     assert arts["student-tome-r4-exact_fp32.tflite"]["parity"]["top1_agreement"] >= 95
     # int8 ToMe must stay a classifier (the first int8 attempt predicted one class for every image)
     assert arts["student-tome-r4-exact_int8.tflite"]["test_top1"] > arts["student_int8.tflite"]["test_top1"] - 15

@@ -86,23 +86,23 @@ def max_uniform_r(tokens: int, depth: int, class_token: bool = True) -> int:
 
 
 def check_r(r: int | list[int], tokens: int, depth: int, class_token: bool = True) -> list[int]:
-    """The per-block schedule for ``r`` (an int: the same r in every block), refused with one line
-    if some block has too few tokens to merge that many."""
+    """The effective per-block schedule for ``r`` (an int: the same r in every block). As in
+    facebookresearch/ToMe, a block merges at most half of its (unprotected) tokens, so a later
+    block's r is clamped to what it can merge; an r that even the first block cannot merge is
+    refused with one line."""
     schedule = [int(r)] * depth if isinstance(r, int) else [int(v) for v in r]
     if len(schedule) != depth:
         raise EdgekdError(f"ToMe r schedule has {len(schedule)} values but the ViT has {depth} blocks; "
                           f"give one r or {depth} values")
     if any(v < 0 for v in schedule):
         raise EdgekdError(f"ToMe r must be 0 or more, got {schedule}")
-    t = tokens
-    for i, v in enumerate(schedule):
-        most = (t - int(class_token)) // 2
-        if v > most:
-            raise EdgekdError(f"ToMe r={v} is too large: block {i} sees {t} tokens, so at most {most} can merge "
-                              f"there; with {tokens} tokens and {depth} blocks use r <= "
-                              f"{max_uniform_r(tokens, depth, class_token)}")
-        t -= v
-    return schedule
+    first = (tokens - int(class_token)) // 2
+    if max(schedule, default=0) > first:
+        raise EdgekdError(f"ToMe r={max(schedule)} is too large: the first block sees {tokens} tokens, so at most "
+                          f"{first} can merge there; use r <= {first} (r <= "
+                          f"{max_uniform_r(tokens, depth, class_token)} merges that many in every block)")
+    counts = tokens_after(tokens, schedule, class_token)
+    return [a - b for a, b in zip(counts, counts[1:])]
 
 
 def lsh_planes(dim: int, bits: int, seed: int = 0) -> torch.Tensor:
