@@ -195,8 +195,10 @@ def export(
     converter: str = typer.Option("auto", help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
                                   "litert-torch (no TensorFlow, NCHW input); auto: litert-torch for ViT students"),
     samples: int = typer.Option(1000, help="test images (with labels) stored in the export dir for the bench"),
-    tome_r: Optional[int] = typer.Option(None, help="ViT: also export the student with ToMe merging R tokens per "
-                                         "block (fixed shapes)"),
+    tome_r: Optional[str] = typer.Option(None, help="ViT: also export the student with ToMe merging R tokens per "
+                                         "block (fixed shapes); auto: the schedule measured fastest on this host "
+                                         "within --tome-max-drop of r = 0 on validation (or none)"),
+    tome_max_drop: float = typer.Option(0.5, help="--tome-r auto: validation top-1 points a schedule may lose"),
     tome_sweep: str = typer.Option("", help="ViT: comma-separated r values to export, e.g. 0,2,4,8"),
     tome_matcher: str = typer.Option("exact", help="ToMe matcher(s), comma-separated: exact, lsh"),
     tome_bits: int = typer.Option(16, help="bits of the lsh matcher's hash codes"),
@@ -205,13 +207,15 @@ def export(
     from edgekd.export import export as run_export
 
     with _user_errors("finished artifacts are kept; export.json is written when all are done"):
+        auto = tome_r is not None and tome_r.strip() == "auto"
+        fixed = () if auto or tome_r is None else _int_list(tome_r, "--tome-r")
         with console.status("exporting and scoring artifacts..."):
             result = run_export(run_dir, formats=tuple(f.strip() for f in formats.split(",") if f.strip()),
                                 int8=int8, calib=calib, max_int8_drop=max_int8_drop, dynamic_batch=dynamic_batch,
                                 converter=converter, samples=samples,
-                                tome_r=_int_list(tome_sweep, "--tome-sweep") + ((tome_r,) if tome_r is not None else ()),
+                                tome_r=_int_list(tome_sweep, "--tome-sweep") + fixed,
                                 tome_matchers=tuple(m.strip() for m in tome_matcher.split(",") if m.strip()),
-                                tome_bits=tome_bits)
+                                tome_bits=tome_bits, tome_auto=auto, tome_max_drop=tome_max_drop)
     table = Table(title=f"edgekd export: {result.export_dir}")
     table.add_column("artifact", no_wrap=True, min_width=22)
     for col in ("size KB", "convert s", "max |dlogit|", "agree %", "test top-1 %"):
@@ -221,6 +225,9 @@ def export(
         table.add_row(name, f"{a['size_bytes'] / 1024:,.0f}", f"{a['convert_s']:.1f}", f"{p['max_abs_logit_diff']:.2e}",
                       f"{p['top1_agreement']:.2f}", f"{a['test_top1']:.2f}")
     console.print(table)
+    auto_choice = result.report.get("tome_auto")
+    if auto_choice:
+        console.print(f"--tome-r auto: {auto_choice['reason']}; schedule {auto_choice['schedule']}", highlight=False)
     if result.int8_drop is not None:
         console.print(f"int8 vs fp32 top-1 drop: {result.int8_drop:+.2f} pt (limit {max_int8_drop} pt)")
     if result.int8_drop_exceeded:

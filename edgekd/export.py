@@ -311,7 +311,8 @@ def check_onnx_parity(name: str, parity: dict[str, float], tome: bool = False) -
 def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite"), int8: bool = True,
            calib: int = 500, max_int8_drop: float = 1.0, dynamic_batch: bool = False, parity_images: int = 256,
            converter: str = "auto", samples: int = 1000, tome_r: tuple[int, ...] = (),
-           tome_matchers: tuple[str, ...] = ("exact",), tome_bits: int = 16) -> ExportResult:
+           tome_matchers: tuple[str, ...] = ("exact",), tome_bits: int = 16, tome_auto: bool = False,
+           tome_max_drop: float = 0.5, tome_timer: Callable[[list[Path]], list[float]] | None = None) -> ExportResult:
     """Export the student (and the teacher, when the run trained one) of ``run_dir``.
 
     ``formats``: onnx, tflite (fp32), fp16, dynamic; ``int8`` adds the full-integer student.
@@ -324,6 +325,10 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
     ``tome_r`` (ViT students): for each r and each of ``tome_matchers`` (exact, lsh with
     ``tome_bits`` bits) also ``student-tome-r{r}-{matcher}`` files (ONNX, fp32 and int8 TFLite),
     ToMe-patched with a fixed r, so every shape is static; the student's own files stay as trained.
+    ``tome_auto`` (``--tome-r auto``): the schedule is chosen by ``edgekd.tome.auto`` from int8
+    files timed on this host by ``tome_timer`` (default: the median of bare LiteRT invokes, one
+    thread, interleaved) and scored on the validation split; the winner is exported as
+    ``student-tome-auto-exact``, or nothing when r = 0 stays the fastest (``tome_auto`` in export.json).
     """
     run_dir = Path(run_dir)
     unknown = [f for f in formats if f not in FORMATS]
@@ -366,6 +371,17 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
     with atomic_path(out_dir / SAMPLES_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=bench_u8.numpy().astype(np.uint8), labels=bench_y.numpy().astype(np.int64))
+    auto_report = None
+    if tome_auto:
+        if ckpts["student"]["arch"] != "vit":
+            raise EdgekdError(f"--tome-r auto needs a vit student; {student_path} holds a {ckpts['student']['arch']}")
+        choice = _choose_tome(ckpts["student"], student_path, data, mean, std, converter, calib_x, out_dir,
+                              tome_max_drop, tome_timer or _litert_interleaved_ms)
+        auto_report = choice.as_dict()
+        if choice.merges:
+            tome_roles["student-tome-auto-exact"] = {"r": choice.schedule, "schedule": choice.schedule,
+                                                     "matcher": "exact", "auto": True}
+        log.info("--tome-r auto: %s", choice.reason)
     artifacts: dict[str, dict[str, Any]] = {}
     sidecars, zeroed = [], {}
     jobs = [(role, ckpt, roles[role], None) for role, ckpt in ckpts.items()]
@@ -447,9 +463,73 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
               "samples": {"file": SAMPLES_FILE, "images": int(len(bench_y)), "split": "test", "order_seed": 0},
               "dead_channels_zeroed": zeroed, "int8_drop_top1": drop, "max_int8_drop": max_int8_drop,
               "artifacts": artifacts}
+    if auto_report is not None:
+        report["tome_auto"] = auto_report
     write_json(out_dir / "export.json", report)
     return ExportResult(out_dir, report, drop, drop is not None and drop > max_int8_drop,
                         [out_dir / n for n in artifacts] + sidecars + [out_dir / "export.json"])
+
+
+def _litert_interleaved_ms(paths: list[Path], runs: int = 200, threads: int = 1) -> list[float]:
+    """Median ms of bare LiteRT ``invoke()`` calls per file, the files interleaved in blocks."""
+    import statistics
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    calls = []
+    for p in paths:
+        it = Interpreter(model_path=str(p), num_threads=threads)
+        it.allocate_tensors()
+        inp = it.get_input_details()[0]
+        it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+        for _ in range(10):
+            it.invoke()
+        calls.append(it.invoke)
+    times: list[list[int]] = [[] for _ in paths]
+    for _ in range(10):
+        for i, call in enumerate(calls):
+            for _ in range(max(1, runs // 10)):
+                t0 = time.perf_counter_ns()
+                call()
+                times[i].append(time.perf_counter_ns() - t0)
+    return [statistics.median(t) / 1e6 for t in times]
+
+
+def _choose_tome(ckpt: dict[str, Any], path: Path, data: Any, mean: list[float], std: list[float], converter: str,
+                 calib_x: torch.Tensor | None, out_dir: Path, max_drop: float,
+                 timer: Callable[[list[Path]], list[float]]) -> Any:
+    """``--tome-r auto``: int8 files of r = 0 and the candidate schedules, timed by ``timer`` and
+    scored on the validation split in LiteRT (the deployable's own numbers)."""
+    from edgekd.tome import apply_tome
+    from edgekd.tome.auto import candidate_schedules, choose_schedule
+
+    if calib_x is None:
+        raise EdgekdError("--tome-r auto times the int8 files: drop --no-int8")
+    if len(data.val) == 0:
+        raise EdgekdError("--tome-r auto chooses on the validation split, and this run has none: set "
+                          "data.val_fraction > 0 and distil again")
+    kw = ckpt.get("model_kwargs", {})
+    depth, tokens = int(kw.get("depth", 4)), (ckpt["image_size"] // kw.get("patch_size", 4)) ** 2 + 1
+    val_u8, val_y = gather(data.val)
+    val_x = prepare_batch(val_u8, torch.tensor(mean), torch.tensor(std)).numpy()
+    files: dict[tuple[int, ...], Path] = {}
+    with tempfile.TemporaryDirectory(prefix=".tome-auto-", dir=out_dir) as work:
+        def int8_file(schedule: list[int]) -> Path:
+            if tuple(schedule) not in files:
+                model = apply_tome(build_from_checkpoint(ckpt, path).eval(), schedule)
+                zero_dead_channels(model)
+                made = _convert("student", model, torch.from_numpy(val_x[:1].copy()), calib_x, mean, std,
+                                Path(work) / f"r{'-'.join(map(str, schedule))}", onnx=False, dynamic_batch=False,
+                                tflite=["int8"], converter=converter, sample_images=torch.from_numpy(val_x[:20].copy()))
+                files[tuple(schedule)] = made["student_int8.tflite"][0]
+            return files[tuple(schedule)]
+
+        def val_top1(schedule: list[int]) -> float:
+            logits = tflite_runner(int8_file(schedule))(val_x)
+            return 100.0 * float((logits.argmax(1) == val_y.numpy()).mean())
+
+        return choose_schedule(candidate_schedules(tokens, depth), depth,
+                               lambda schedules: timer([int8_file(s) for s in schedules]), val_top1, max_drop)
 
 
 def resolve_converter(converter: str, student_arch: str) -> str:

@@ -198,3 +198,55 @@ def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
     assert (vit_run / "export" / "bench_tome.png").stat().st_size > 0
     msg = one_line_error(runner.invoke(app, ["bench", str(vit_run / "export"), "--tome-sweep", "0,8"]))
     assert "no ToMe r=8 files" in msg and "--tome-sweep 0,8" in msg
+
+
+def test_auto_r_picks_the_fastest_schedule_within_the_drop_and_never_a_slower_one() -> None:
+    """The choice with a fake timer: it can only pick what the timer says is faster than r = 0."""
+    from edgekd.tome.auto import candidate_schedules, choose_schedule
+
+    schedules = candidate_schedules(50, 4)
+    assert schedules == [[1] * 4, [2] * 4, [4] * 4, [8] * 4, [16, 16, 8, 4]]  # r = 1, 2, 4, 8, 16 (clamped)
+    val = {0: 80.0, 1: 80.0, 2: 79.8, 4: 79.6, 8: 79.0, 16: 70.0}  # by the first block's r
+
+    def timer(ms_by_r):
+        return lambda every: [ms_by_r[s[0]] for s in every]
+
+    # merging pays: r = 8 is fastest but loses 1 pt; r = 4 is within 0.5 pt and faster than r = 0
+    pays = {0: 1.0, 1: 0.98, 2: 0.9, 4: 0.8, 8: 0.6, 16: 0.5}
+    c = choose_schedule(schedules, 4, timer(pays), lambda s: val[s[0]], max_drop=0.5)
+    assert c.schedule == [4] * 4 and c.merges and "0.800 ms vs 1.000 ms" in c.reason
+    # merging costs (the 50-token student measured so): r = 0 stays, and says why
+    costs = {0: 1.0, 1: 1.1, 2: 1.2, 4: 1.3, 8: 1.5, 16: 1.8}
+    c = choose_schedule(schedules, 4, timer(costs), lambda s: val[s[0]], max_drop=0.5)
+    assert c.schedule == [0] * 4 and not c.merges and "faster than r = 0" in c.reason
+    # a tie is not faster: never a schedule as slow as r = 0
+    tie = {r: 1.0 for r in pays}
+    assert not choose_schedule(schedules, 4, timer(tie), lambda s: val[s[0]]).merges
+    # over any random timer, the choice is never slower than r = 0 and never past the drop
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ms = {r: float(v) for r, v in zip(pays, torch.rand(len(pays), generator=g))}
+        c = choose_schedule(schedules, 4, timer(ms), lambda s: val[s[0]], max_drop=0.5)
+        assert ms[c.schedule[0]] <= ms[0] and val[0] - val[c.schedule[0]] <= 0.5
+
+
+def test_auto_r_exports_the_chosen_schedule_timed_on_the_host(vit_run, tmp_path) -> None:
+    """End to end with a fake timer that makes r = 2 the fastest: int8 candidates are converted,
+    scored on validation in LiteRT, and the winner is exported; export.json records every candidate."""
+    import shutil
+
+    from edgekd.export import export
+
+    run = tmp_path / "run"
+    shutil.copytree(vit_run, run, ignore=shutil.ignore_patterns("export"))
+
+    def fake(paths):  # r = 2 fastest (the file names hold the schedule)
+        return [0.5 if "/r2-" in str(p) else 1.0 for p in paths]
+
+    report = export(run, formats=("onnx",), int8=True, calib=32, samples=50, tome_auto=True, tome_max_drop=100.0,
+                    tome_timer=fake).report
+    auto = report["tome_auto"]
+    assert auto["schedule"] == [2, 2, 2] and auto["baseline"]["latency_ms"] == 1.0
+    assert [c["schedule"] for c in auto["candidates"]] == [[1, 1, 1], [2, 2, 2], [4, 4, 4], [8, 4, 2]]
+    assert all(0 <= c["val_top1"] <= 100 for c in auto["candidates"])
+    assert report["artifacts"]["student-tome-auto-exact.onnx"]["tome"]["schedule"] == [2, 2, 2]
