@@ -122,6 +122,9 @@ class HardConfig(_Strict):
     l_max: float | None = Field(None, ge=0, le=100, description="augmentor -> student above this disagreement "
                                 "(percent); None = the augmentor's")
     consecutive: int = Field(5, ge=1, description="iterations in a row a threshold must hold before a switch")
+    threshold: Literal["absolute", "relative"] = Field(
+        "absolute", description="what l_min/l_max compare with: the disagreement on augmented batches, or that "
+        "minus the student's disagreement on the same batch un-augmented (what the augmentation adds)")
     lr: float | None = Field(None, gt=0, description="augmentor learning rate (Adam); None = the augmentor's")
 
 

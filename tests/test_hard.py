@@ -96,6 +96,29 @@ def test_switching_rule_on_a_scripted_sequence():
     assert hard.phase == "student" and hard.switches == 2 and len(hard.pool) == 2
 
 
+def test_relative_threshold_switches_on_what_the_augmentation_adds():
+    """A student that disagrees with its teacher on 20 % of clean images never gets below an
+    absolute l_min of 5 %; read relative to that, it switches exactly at the third iteration in a
+    row where the augmentation adds less than 5 points."""
+    seq = [(30, 20), (24, 20), (26, 20), (23, 20), (22, 21), (24, 20), (25, 20)]  # (augmented, clean) %
+    absolute, _, _ = _hard(l_min=5.0, l_max=40.0, consecutive=3)
+    relative, student, teacher = _hard(l_min=5.0, l_max=40.0, consecutive=3, threshold="relative")
+    for i, (aug, clean) in enumerate(seq):
+        absolute.end_iteration(absolute.switch_metric(aug, clean))
+        relative.end_iteration(relative.switch_metric(aug, clean))
+        assert relative.phase == ("augmentor" if i >= 5 else "student"), i  # +4, +3, +1 at i = 3, 4, 5
+    assert absolute.phase == "student" and absolute.switches == 0
+    assert [row[2] for row in relative.phase_log] == [10, 4, 6, 3, 1, 4, 5]
+    # the augmentor step's metric is relative too: the clean disagreement comes from the same batch
+    x = _real_batch(8)
+    x = (x - 0.3) / 0.35
+    d_rel = relative.augmentor_step(student, teacher, x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student.eval()
+        clean = 100.0 * (student(x).argmax(1) != teacher(x).argmax(1)).float().mean().item()
+    assert -100 <= d_rel <= 100 and d_rel <= 100 - clean
+
+
 def test_student_phases_draw_from_every_saved_augmentor():
     hard, student, teacher = _hard()
     for shift in (0.3, -0.3):  # two distinct saved augmentors besides the identity

@@ -10,6 +10,11 @@ then the augmentor trains until that disagreement stays above ``l_max`` for ``k`
 is saved into the pool, and the student trains again, each iteration on a random saved
 augmentor (against forgetting). The pool starts with the identity augmentor. Unphased
 augmentors (hard-mix) take one augmentor step and one student step every iteration.
+
+The switching metric is the disagreement on augmented batches in percent (``threshold=
+"absolute"``, the paper's reading), or that minus the disagreement the student already has on the
+same batch un-augmented (``"relative"``: what the augmentation adds), for a student that never
+gets within ℓmin of its teacher even on clean images.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ def _disagreement(s_logits: torch.Tensor, t_logits: torch.Tensor) -> float:
 class HardTraining:
     def __init__(self, augmentor: Augmentor, *, mean: torch.Tensor, std: torch.Tensor, temperature: float,
                  lambda_s: float = 1.0, lambda_t: float = 1.0, weight: float = 1.0, l_min: float | None = None,
-                 l_max: float | None = None, consecutive: int = 5, lr: float | None = None) -> None:
+                 l_max: float | None = None, consecutive: int = 5, lr: float | None = None,
+                 threshold: str = "absolute") -> None:
         self.augmentor = augmentor
         self.frozen = copy.deepcopy(augmentor).requires_grad_(False)  # the pool member in use
         self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
@@ -43,6 +49,9 @@ class HardTraining:
         self.l_min = augmentor.l_min if l_min is None else l_min
         self.l_max = augmentor.l_max if l_max is None else l_max
         self.k = consecutive
+        if threshold not in ("absolute", "relative"):
+            raise ValueError(f"threshold must be absolute or relative, not {threshold!r}")
+        self.relative = threshold == "relative"
         self.optimizer = torch.optim.Adam(augmentor.parameters(), lr=lr or augmentor.lr)
         self.pool: list[dict[str, torch.Tensor]] = [self._snapshot()]
         self.phase = "student" if augmentor.phased else "joint"
@@ -60,6 +69,21 @@ class HardTraining:
     def _augment(self, module: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Normalised batch in, normalised augmented batch out (augmentors work in [0, 1])."""
         return (module(x * self.std + self.mean, generator) - self.mean) / self.std
+
+    def switch_metric(self, augmented: float, clean: float) -> float:
+        """What the thresholds are compared with: the augmented disagreement, less the clean one
+        when relative (both in percent)."""
+        return augmented - clean if self.relative else augmented
+
+    @torch.no_grad()
+    def _clean_disagreement(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+        if not self.relative:
+            return 0.0
+        was_training = student.training
+        student.eval()
+        d = _disagreement(student(x), teacher(x))
+        student.train(was_training)
+        return d
 
     @property
     def augmentor_turn(self) -> bool:
@@ -86,7 +110,7 @@ class HardTraining:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         student.train(was_training)
-        disagreement = _disagreement(s_aug, t_aug)
+        disagreement = self.switch_metric(_disagreement(s_aug, t_aug), self._clean_disagreement(student, teacher, x))
         if self.phase == "augmentor":
             self._count(disagreement > self.l_max, to="student", disagreement=disagreement)
         return disagreement
@@ -104,7 +128,7 @@ class HardTraining:
             t_aug = teacher(x_aug)
         s_aug = student(x_aug)
         term = self.weight * softmax_kl(t_aug, s_aug, self.t)
-        return term, _disagreement(s_aug, t_aug)
+        return term, self.switch_metric(_disagreement(s_aug, t_aug), self._clean_disagreement(student, teacher, x))
 
     def end_iteration(self, disagreement: float) -> None:
         """Log the iteration and apply the switching rule of the student phase."""
