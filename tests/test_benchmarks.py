@@ -84,6 +84,23 @@ def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_tea
     assert (tmp_path / "students.png").is_file()
 
 
+def test_kd_terms_measures_each_terms_gradient(tmp_path, tiny_teacher):
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", data={"train_subset": 300, "test_subset": 100})
+    out = tmp_path / "curves"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kd_terms.py"), "--recipe", str(recipe), "--teacher",
+                        str(tiny_teacher), "--budgets", "300x2", "--max-steps", "5", "--out", str(out)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = json.loads((tmp_path / "curves.json").read_text())["budgets"]["300x2"]["steps"]
+    assert len(steps) == 5
+    for row in steps:
+        assert row["ce_grad_norm"] > 0 and row["kd_grad_norm"] > 0 and row["at_grad_norm"] > 0
+        assert -1.0 <= row["cos_kd_ce"] <= 1.0
+    assert (tmp_path / "curves.png").is_file() and "cos(KD, CE)" in r.stdout
+
+
 def test_distill_throughput_prints_every_step_kind_and_the_ceiling():
     cmd = [sys.executable, str(REPO / "benchmarks" / "distill_throughput.py"), "--device", "cpu", "--teacher",
            "resnet18", "--teacher-width", "8", "--width-mult", "0.25", "--size", "16", "--batch-sizes", "16,32",
