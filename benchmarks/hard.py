@@ -65,6 +65,31 @@ def _teacher_row(m: dict) -> dict:
     return {"test_top1": m["teacher"]["test_top1"], "shifted_top1": m["teacher"]["shifted_top1"]}
 
 
+def _plot_budget(cells: dict, path: Path) -> bool:
+    """Switches (cumulative) and validation top-1 against epochs for every HARD cell: how much of
+    the game a budget buys. False when no cell has per-epoch switch counts yet."""
+    rows = {k: c for k, c in sorted(cells.items()) if any(v is not None for v in c.get("switches_per_epoch", []))}
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, c in rows.items():
+        epochs = range(1, len(c["switches_per_epoch"]) + 1)
+        a.plot(epochs, c["switches_per_epoch"], marker=".", label=key)
+        b.plot(epochs, c["val_per_epoch"], marker=".", label=key)
+    a.set(xlabel="epoch", ylabel="switches so far", title="HARD switches against the budget")
+    b.set(xlabel="epoch", ylabel="validation top-1 % (centred)", title="validation top-1")
+    a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/fashion_mnist_invariance.yaml")
@@ -81,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-epochs", type=int, default=40, help="--converged: student epochs at most")
     ap.add_argument("--teacher-max-epochs", type=int, default=12, help="--converged: teacher epochs at most")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT.md from the finished cells; train nothing")
     ap.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT_runs/ "
                     "[default: benchmarks/hard, --converged: benchmarks/hard_converged]")
     args = ap.parse_args(argv)
@@ -174,12 +200,21 @@ def main(argv: list[str] | None = None) -> None:
             md += table(f"MobileNetV2-0.35 from ResNet-18 (main job's recipe, {mb_method})",
                         f"`{args.mobilenet_recipe}` with {args.mobilenet_train_subset} training images, "
                         f"{args.mobilenet_epochs} student epochs.", mobile, mb_label)
+        if _plot_budget(cells.cells, Path(f"{out}_budget.png")):
+            md += [f"![switches and validation top-1 per epoch]({out.name}_budget.png)", ""]
         text = "\n".join(md)
         write_text(Path(f"{out}.md"), text)
         return text
 
     cells.after = report  # the report is rewritten after every new cell
     for seed, (label, key, kw) in order:
+        if args.report_only:  # the finished cells only: nothing trains
+            if f"inv|teacher|{seed}" in cells.cells and seed not in teachers:
+                teachers[seed] = ""
+                rows["teacher (CNN)"].append({**cells.cells[f"inv|teacher|{seed}"], "seed": seed})
+            if f"inv|{key}|{seed}" in cells.cells:
+                rows.setdefault(label, []).append({**cells.cells[f"inv|{key}|{seed}"], "seed": seed})
+            continue
         if seed not in teachers:
             t_dir = runs / f"inv_teacher_seed{seed}"
             teacher_recipe = base.model_copy(update={"seed": seed, "distill": base.distill.model_copy(
@@ -189,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.setdefault(label, []).append({**cells.run(f"inv|{key}|{seed}", _variant(base, seed, teachers[seed], **kw),
                                                        runs / f"inv_{key}_seed{seed}", _student_row), "seed": seed})
 
-    if not args.no_mobilenet:
+    if not args.no_mobilenet and not args.report_only:
         for seed in range(args.seeds if args.mobilenet_seeds is None else args.mobilenet_seeds):
             t_dir = runs / f"mb_teacher_seed{seed}"
             teacher_recipe = mb.model_copy(update={"seed": seed, "distill": mb.distill.model_copy(
