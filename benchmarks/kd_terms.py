@@ -104,8 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-steps", type=int, default=None, help="stop each budget after this many steps")
     ap.add_argument("--budgets", default=None, help="e.g. 3000x2,8000x5 [default: both tables']")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--replot", action="store_true", help="redraw OUT.png with the tables' current validation "
+                    "curves, from the steps already in OUT.json")
     ap.add_argument("--out", default="benchmarks/methods_curves")
     args = ap.parse_args(argv)
+    here = Path(__file__).resolve().parent
+    if args.replot:
+        result = json.loads(Path(f"{args.out}.json").read_text())
+        result["val_curves"] = {"tiny (methods.md)": val_curves(here / "methods.json"),
+                                "main job (methods_main.md)": val_curves(here / "methods_main.json")}
+        write_json(Path(f"{args.out}.json"), result)
+        plot(result, Path(f"{args.out}.png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     budgets = BUDGETS if not args.budgets else {
@@ -114,7 +124,6 @@ def main(argv: list[str] | None = None) -> None:
     for name, (subset, epochs) in budgets.items():
         result["budgets"][name] = {"train_subset": subset, "epochs": epochs,
                                    "steps": probe(args.recipe, args.teacher, subset, epochs, args.seed, args.max_steps)}
-    here = Path(__file__).resolve().parent
     result["val_curves"] = {"tiny (methods.md)": val_curves(here / "methods.json"),
                             "main job (methods_main.md)": val_curves(here / "methods_main.json")}
     write_json(Path(f"{args.out}.json"), result)
