@@ -26,8 +26,8 @@ from edgekd.checkpoint import load_checkpoint, write_json  # noqa: E402
 from edgekd.data import load_dataset  # noqa: E402
 from edgekd.distill.distiller import Distiller  # noqa: E402
 from edgekd.distill.methods import METHODS  # noqa: E402
-from edgekd.distill.stage import build_from_checkpoint  # noqa: E402
-from edgekd.models import build_model, pair_stages, stage_shapes, tap_candidates  # noqa: E402
+from edgekd.distill.stage import _new_student, build_from_checkpoint  # noqa: E402
+from edgekd.models import pair_stages, stage_shapes, tap_candidates  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
 from edgekd.train import make_optimizer, make_scheduler, prepare_batch  # noqa: E402
 
@@ -41,9 +41,7 @@ def probe(recipe_path: str, teacher_path: str, train_subset: int, epochs: int, s
                                        "train.device": "cpu"})
     data = load_dataset(recipe.data, seed)
     teacher = build_from_checkpoint(load_checkpoint(teacher_path), teacher_path).eval()
-    torch.manual_seed(seed + 1)  # the trainer's student initialisation (stage._new_student)
-    student = build_model(recipe.student.arch, data.num_classes, data.channels, data.image_size,
-                          **recipe.student.model_kwargs())
+    student = _new_student(recipe, data, torch.device("cpu"))  # the trainer's own initial weights
     size = (data.channels, data.image_size)
     pairs = pair_stages(stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher, *size), *size),
                         stage_shapes(student, tap_candidates(recipe.student.arch, student, *size), *size))
