@@ -74,6 +74,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
             raise OSError(getattr(e, "errno", None) or 28, f"write failed ({str(e).splitlines()[0][:80]})") from None
 
 
+def why_unloadable(path: Path, e: Exception, holds: str) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words: not a PyTorch zip (corrupt or
+    cut short), a pickle payload refused for safety, or torch's own first line."""
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is not one (or is cut short)
+        return "it is corrupt, truncated or not a PyTorch file"
+    if "weights_only" in str(e) or "Unsupported global" in str(e):
+        return f"it holds pickled objects, not just {holds}, and is refused for safety"
+    return f"it is corrupt or not a PyTorch file ({first})"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load an edgekd checkpoint with ``weights_only=True``; one-line errors for bad files."""
     path = Path(path)
@@ -82,13 +93,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; this is not one (or is cut short)
-            why = "it is corrupt, truncated or not a PyTorch file"
-        elif "weights_only" in str(e) or "Unsupported global" in str(e):
-            why = "it holds pickled objects, not just weights, and is refused for safety"
-        else:
-            why = f"it is corrupt or not a PyTorch file ({first})"
+        why = why_unloadable(path, e, "weights")
         raise EdgekdError(f"checkpoint {path}: cannot load, {why}; use a checkpoint written by edgekd") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "state_dict" not in ckpt:
         raise EdgekdError(f"checkpoint {path}: not an edgekd checkpoint (no edgekd header); use one written by edgekd distill")

@@ -11,13 +11,13 @@ same rule as ``zoo.adapt_input_channels``.
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from edgekd.checkpoint import why_unloadable
 from edgekd.errors import EdgekdError
 from edgekd.models.zoo import adapt_conv_weight
 
@@ -58,15 +58,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            if not zipfile.is_zipfile(path):
-                why = "it is corrupt, truncated or not a PyTorch file"
-            elif "weights_only" in str(e) or "Unsupported global" in str(e):
-                why = ("it holds pickled objects, not just tensors, and is refused for safety; save "
-                       "model.state_dict() instead")
-            else:
-                why = f"it is corrupt or not a PyTorch file ({str(e).strip().splitlines()[0][:120]})"
-            raise EdgekdError(f"weights {path}: cannot load, {why}") from None
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            why = why_unloadable(path, e, "tensors")
+            raise EdgekdError(f"weights {path}: cannot load, {why}; save model.state_dict() with torch.save") from None
         sd = obj
         while isinstance(sd, dict) and not _is_state_dict(sd):
             inner = next((sd[k] for k in _NESTED if isinstance(sd.get(k), dict)), None)
