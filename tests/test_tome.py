@@ -60,13 +60,14 @@ def reference_merge(metric: torch.Tensor, x: torch.Tensor, size: torch.Tensor, r
     return merged_x / merged_size, merged_size
 
 
+@pytest.mark.parametrize("form", ["gather", "matmul"])  # PyTorch's form and the exported one
 @pytest.mark.parametrize("tokens,r", [(50, 1), (50, 8), (50, 24), (65, 16), (17, 8)])
-def test_merge_equals_reference_formulation(tokens: int, r: int) -> None:
+def test_merge_equals_reference_formulation(tokens: int, r: int, form: str) -> None:
     torch.manual_seed(tokens + r)
     metric, x = torch.randn(3, tokens, 16), torch.randn(3, tokens, 24)
     size = torch.randint(1, 4, (3, tokens, 1)).float()
     want_x, want_size = reference_merge(metric, x, size, r)
-    got_x, got_size = merge_wavg(bipartite_soft_matching(metric, r, class_token=True), x, size)
+    got_x, got_size = merge_wavg(bipartite_soft_matching(metric, r, class_token=True, form=form), x, size)
     assert got_x.shape == (3, tokens - r, 24)
     torch.testing.assert_close(got_x, want_x)
     torch.testing.assert_close(got_size, want_size)

@@ -1,14 +1,16 @@
 """Bipartite soft matching and size-weighted merging (ToMe §3), as one-hot matrices and matmuls.
 
-The reference gathers and ``scatter_reduce``s with data-dependent indices; those do not convert
-to TFLite (and not everywhere to ONNX). Here the token count after merging is a Python int fixed
-by ``r``, the choice of tokens is a ``topk`` and an ``argmax``, and the merge itself is two
-matmuls with 0/1 matrices built by comparing indices against ``arange``: every op is in
-ONNX opset 17 and in TFLite's builtins, and the result equals the reference's (tests check it).
+Two forms of the same merge. In PyTorch it gathers and ``index_add``s as the reference does
+(cheapest: it touches only the r merged rows). Those data-dependent scatters do not convert to
+TFLite (and not everywhere to ONNX), so while a model is being exported the merge is two matmuls
+with 0/1 matrices built by comparing indices against ``arange`` instead: the token count after
+merging is a Python int fixed by ``r``, the choice of tokens is a ``topk`` and an ``argmax``, every
+op is in ONNX opset 17 and in TFLite's builtins, and both forms equal the reference (tests check it).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -23,6 +25,11 @@ _TIE = 1e-5
 _PROTECT = -10.0
 
 Merge = Callable[[torch.Tensor], torch.Tensor]
+
+
+def exporting() -> bool:
+    """True while torch.onnx, torch.export (litert-torch) or the tracer records the model."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _hits(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -58,28 +65,59 @@ def match_scores(metric: torch.Tensor, matcher: str = "exact", planes: torch.Ten
     raise ValueError(f"unknown matcher {matcher!r}; choose from {', '.join(MATCHERS)}")
 
 
+def _offsets(t_a: int, t_b: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class token's protection (a (t_a, 1) column) and the tie-breaking offsets of B and A."""
+    protect = ((torch.arange(t_a, device=device) == 0).to(dtype) * _PROTECT)[:, None]
+    return (protect, _TIE * torch.arange(t_b, device=device, dtype=dtype) / t_b,
+            _TIE * torch.arange(t_a, device=device, dtype=dtype) / t_a)
+
+
+_cached_offsets = functools.lru_cache(maxsize=256)(_offsets)
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True, matcher: str = "exact",
-                            planes: torch.Tensor | None = None) -> Merge | None:
+                            planes: torch.Tensor | None = None, form: str | None = None) -> Merge | None:
     """ToMe's bipartite soft matching: merge the ``r`` tokens of set A most similar to some token
     of set B into it. Returns ``merge(x)`` (sum mode, shape (B, t − r, C)) or None when r = 0.
 
     Tokens alternate into A (even positions) and B (odd); each A token keeps its best B match;
     the r best edges merge; the class token (position 0, in A) is protected. Output order is the
     reference's: the unmerged A tokens in their original order (class token first), then B.
+    ``form``: ``gather`` or ``matmul`` (0/1 matrices); default: matmul while exporting, else gather.
     """
+    if form is None:
+        form = "matmul" if exporting() else "gather"
+    if form not in ("gather", "matmul"):
+        raise ValueError(f"unknown merge form {form!r}; choose gather or matmul")
     t = metric.shape[1]
     r = min(r, (t - int(class_token)) // 2)
     if r <= 0:
         return None
     with torch.no_grad():
         scores = match_scores(metric, matcher, planes)
-        if class_token:
-            row = (torch.arange(scores.shape[1], device=scores.device) == 0).to(scores.dtype) * _PROTECT
-            scores = scores + row[:, None]
         t_a, t_b = scores.shape[1], scores.shape[2]
-        scores = scores - _TIE * torch.arange(t_b, device=scores.device, dtype=scores.dtype) / t_b
+        offsets = _cached_offsets if form == "gather" else _offsets  # eager: a few ops fewer per block
+        protect, tie_b, tie_a = offsets(t_a, t_b, scores.dtype, scores.device)
+        if class_token:
+            scores = scores + protect
+        scores = scores - tie_b
         node_max, node_idx = scores.max(dim=-1)  # each A token's best B token
-        node_max = node_max - _TIE * torch.arange(t_a, device=scores.device, dtype=scores.dtype) / t_a
+        node_max = node_max - tie_a
+        if form == "gather":
+            order = node_max.argsort(dim=-1, descending=True)
+            src_idx = order[:, :r, None]  # the r A tokens that merge away ...
+            dst_idx = node_idx[..., None].gather(1, src_idx)  # ... into these B tokens
+            unm_idx = order[:, r:, None].sort(dim=1).values  # the rest keep their order (class token first)
+
+            def merge_gather(x: torch.Tensor) -> torch.Tensor:
+                a, b = x[:, ::2], x[:, 1::2]
+                c = x.shape[-1]
+                src = a.gather(1, src_idx.expand(-1, -1, c))
+                b = b.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce="sum")
+                return torch.cat([a.gather(1, unm_idx.expand(-1, -1, c)), b], dim=1)
+
+            return merge_gather
         src_idx = node_max.topk(r, dim=-1).indices  # the r A tokens that merge away
 
     def merge(x: torch.Tensor) -> torch.Tensor:

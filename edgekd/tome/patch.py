@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from edgekd.errors import EdgekdError
-from edgekd.tome.merge import MATCHERS, bipartite_soft_matching, merge_wavg, tokens_after
+from edgekd.tome.merge import MATCHERS, bipartite_soft_matching, exporting, merge_wavg, tokens_after
 
 
 def _vit_classes() -> tuple[type, type, type]:
@@ -33,11 +34,18 @@ def _tome_classes() -> tuple[type, type, type]:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if size is not None:  # proportional attention: a token of size s counts s times
-                attn = attn + size.log()[:, None, None, :, 0]
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+            # proportional attention: a token of size s counts s times, i.e. log(s) added to its logits
+            bias = None if size is None else size.log()[:, None, None, :, 0]
+            if self.fused_attn and not exporting():
+                # one fused kernel, as timm's own block runs; the bias is its additive float mask
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                                   dropout_p=self.attn_drop.p if self.training else 0.0)
+            else:  # written out for export: the converters take MatMul/Add/Softmax everywhere
+                attn = (q * self.scale) @ k.transpose(-2, -1)
+                if bias is not None:
+                    attn = attn + bias
+                x = self.attn_drop(attn.softmax(dim=-1)) @ v
+            x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
             x = self.proj_drop(self.proj(self.norm(x)))
             return x, k.mean(1)  # the keys, averaged over heads, are the matching metric
 
