@@ -1,6 +1,7 @@
 """Where a ToMe block spends its time in PyTorch eager, and what the matching step could ever save.
 
-    python benchmarks/tome_profile.py            # tome_profile.md / .json (run it on a quiet machine)
+    python benchmarks/tome_profile.py              # tome_profile.md / .json (run it on a quiet machine)
+    python benchmarks/tome_profile.py --exported   # + the exported files at 197 tokens (~8 min more)
 
 Untrained ViTs (latency does not depend on the weights), batch 1, 1 thread, every call timed in one
 interleaved round robin so a noisy neighbour hits all alike. For each shape and token count:
@@ -65,6 +66,106 @@ def profile_shape(label: str, px: int, patch: int, width: int, depth: int, heads
             "speedup_r8": t["forward r=0"] / t["forward r=8"], "speedup_r16": t["forward r=0"] / t["forward r=16"]}
 
 
+def exported_files(work: Path, sweep: tuple[int, ...]) -> Path:
+    """The export dir of a 197-token ViT (shape 0 of SHAPES at 56 px) distilled for one epoch on
+    1,200 images: only a file to time and dissect (latency does not depend on the weights)."""
+    from edgekd.distill.stage import distill
+    from edgekd.export import export
+    from edgekd.recipe import load_recipe
+
+    run = work / "vit197_1epoch"
+    if not (run / "metrics.json").is_file():
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_vit.yaml", {
+            "data.image_size": 56, "data.train_subset": 1200, "data.test_subset": 500, "teacher.epochs": 1,
+            "student.epochs": 1, "student.embed_dim": 96, "student.depth": 6, "student.num_heads": 3})
+        distill(recipe, run, resume=run.exists())
+    if not all((run / "export" / f"student-tome-r{r}-exact_int8.tflite").is_file() for r in sweep if r):
+        export(run, int8=True, tome_r=sweep, tome_matchers=("exact",))
+    return run / "export"
+
+
+def litert_census(path: Path) -> dict:
+    """Op types of a TFLite file once LiteRT has applied XNNPACK, and how many delegate partitions
+    it made (each partition boundary hands tensors between XNNPACK and TFLite's own kernels)."""
+    import collections
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path), num_threads=1)
+    it.allocate_tensors()
+    ops = collections.Counter(o["op_name"] for o in it._get_ops_details())
+    return {"ops": sum(ops.values()), "partitions": ops.get("DELEGATE", 0), "types": dict(ops.most_common())}
+
+
+def ort_op_profile(path: Path, runs: int) -> dict[str, float]:
+    """Microseconds per run spent in each ONNX op type (onnxruntime's profiler, 1 thread)."""
+    import collections
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.enable_profiling = 1, True
+    so.profile_file_prefix = str(path.parent / f".ort_profile_{path.stem}")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    feed = {inp.name: np.random.default_rng(0).standard_normal(
+        [d if isinstance(d, int) else 1 for d in inp.shape]).astype(np.float32)}
+    for _ in range(runs):
+        sess.run(None, feed)
+    trace = Path(sess.end_profiling())
+    per_op: dict[str, float] = collections.defaultdict(float)
+    for e in json.loads(trace.read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / runs
+    trace.unlink()
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def profile_exported(export_dir: Path, sweep: tuple[int, ...], runs: int) -> list[dict]:
+    from latency import litert_invoke, ort_invoke
+
+    stems = {r: "student" if r == 0 else f"student-tome-r{r}-exact" for r in sweep}
+    calls = {}
+    for r, stem in stems.items():
+        calls[f"{r}|int8"] = litert_invoke(export_dir / f"{stem}_int8.tflite", 1)
+        calls[f"{r}|fp32"] = litert_invoke(export_dir / f"{stem}_fp32.tflite", 1)
+        calls[f"{r}|ort"] = ort_invoke(export_dir / f"{stem}.onnx", 1)
+    t = time_round_robin(calls, runs=runs, warmup=10)
+    rows = []
+    for r, stem in stems.items():
+        rows.append({"r": r, "litert_int8_ms": t[f"{r}|int8"], "litert_fp32_ms": t[f"{r}|fp32"], "ort_ms": t[f"{r}|ort"],
+                     "int8": litert_census(export_dir / f"{stem}_int8.tflite"),
+                     "fp32": litert_census(export_dir / f"{stem}_fp32.tflite"),
+                     "ort_us_per_op": ort_op_profile(export_dir / f"{stem}.onnx", runs)})
+    return rows
+
+
+def render_exported(rows: list[dict]) -> list[str]:
+    base = rows[0]
+    lines = ["## The exported files at 197 tokens", "",
+             "A 6 × 96 ViT at 56 px (197 tokens), distilled one epoch only to have a file (its top-1 means "
+             "nothing), exported by `edgekd export --int8 --tome-sweep`; LiteRT and onnxruntime, 1 thread, "
+             "interleaved. *Partitions*: XNNPACK delegate partitions LiteRT made; *ops left*: the ops in "
+             "the file's execution plan (delegate nodes and what TFLite's own kernels run).", "",
+             "| r | LiteRT int8 ms (vs r=0) | LiteRT fp32 ms | onnxruntime ms | int8 partitions | int8 op types "
+             "added by merging |", "|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        added = {k: v - base["int8"]["types"].get(k, 0) for k, v in row["int8"]["types"].items()
+                 if v > base["int8"]["types"].get(k, 0) and k != "DELEGATE"}
+        lines.append(f"| {row['r']} | {row['litert_int8_ms']:.2f} ({base['litert_int8_ms'] / row['litert_int8_ms']:.2f}×) "
+                     f"| {row['litert_fp32_ms']:.2f} | {row['ort_ms']:.2f} | {row['int8']['partitions']} | "
+                     + (", ".join(f"{k} +{v}" for k, v in sorted(added.items(), key=lambda kv: -kv[1])) or "–") + " |")
+    lines += ["", "onnxruntime's profiler, µs per run in each op type (top 8):", "",
+              "| r | " + " | ".join(f"op {i + 1}" for i in range(8)) + " | all ops µs |", "|---:|" + "---|" * 9]
+    for row in rows:
+        top = list(row["ort_us_per_op"].items())[:8]
+        lines.append(f"| {row['r']} | " + " | ".join(f"{k} {v:.0f}" for k, v in top) +
+                     f" | {sum(row['ort_us_per_op'].values()):.0f} |")
+    return lines + [""]
+
+
 def render(rows: list[dict], meta: dict) -> str:
     lines = ["# ToMe in PyTorch eager: where a block's time goes", "",
              f"`python benchmarks/tome_profile.py` — batch 1, 1 thread, median of {meta['runs']} interleaved calls, "
@@ -83,6 +184,8 @@ def render(rows: list[dict], meta: dict) -> str:
     lines += ["", "The matching step (scores, best match per token, top-r) is the most a faster matcher could "
               "remove from a merging block; `block r=8` minus `block r=0` is what merging adds to the block that "
               "merges (the blocks after it then run on fewer tokens).", ""]
+    if meta.get("exported"):
+        lines += render_exported(meta["exported"])
     return "\n".join(lines)
 
 
@@ -91,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--bits", type=int, default=16)
     ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))), help="indices into SHAPES")
+    ap.add_argument("--exported", action="store_true", help="also distil a 197-token ViT for one epoch, export "
+                    "it at --sweep and profile the files (LiteRT op census, onnxruntime per-op times)")
+    ap.add_argument("--sweep", default="0,8,16")
     ap.add_argument("--out", default="benchmarks/tome_profile")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -102,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
     meta = {"runs": args.runs, "load_before": load_before, "load_after": os.getloadavg()[0], "cpu": cpu}
+    if args.exported:
+        sweep = tuple(int(v) for v in args.sweep.split(","))
+        meta["exported"] = profile_exported(exported_files(Path(f"{args.out}_runs"), sweep), sweep, args.runs * 4)
     write_json(Path(f"{args.out}.json"), {"meta": meta, "rows": rows})
     write_text(Path(f"{args.out}.md"), render(rows, meta))
     print(Path(f"{args.out}.md").read_text())

@@ -1,11 +1,13 @@
-"""Bipartite soft matching and size-weighted merging (ToMe §3), as one-hot matrices and matmuls.
+"""Bipartite soft matching and size-weighted merging (ToMe §3) with fixed shapes, in two forms.
 
-Two forms of the same merge. In PyTorch it gathers and ``index_add``s as the reference does
-(cheapest: it touches only the r merged rows). Those data-dependent scatters do not convert to
-TFLite (and not everywhere to ONNX), so while a model is being exported the merge is two matmuls
-with 0/1 matrices built by comparing indices against ``arange`` instead: the token count after
-merging is a Python int fixed by ``r``, the choice of tokens is a ``topk`` and an ``argmax``, every
-op is in ONNX opset 17 and in TFLite's builtins, and both forms equal the reference (tests check it).
+Two forms of the same merge. The gather form picks the r merged and the kept tokens with
+fixed-size index tensors (a ``topk`` of r, and a ``topk`` of the kept indices in place of a sort,
+which TFLite lacks) and adds the merged tokens into their destinations with ``scatter_reduce`` in
+PyTorch, or, while exporting, with a (t_b × r) 0/1 matrix (a scatter does not convert). The matmul
+form builds every step as 0/1 matrices compared against ``arange`` and merges with two matmuls:
+only bool/int index arithmetic, Equal, Select, TopK, ArgMax and BatchMatMul, all in ONNX opset 17
+and TFLite's builtins, int8 included. Both equal the reference's gather/scatter (tests check it);
+``default_form`` picks the faster one for where the model is going.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ Merge = Callable[[torch.Tensor], torch.Tensor]
 def exporting() -> bool:
     """True while torch.onnx, torch.export (litert-torch) or the tracer records the model."""
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def default_form(export: bool | None = None) -> str:
+    """The merge form for where the model is going. PyTorch and ONNX: gather (at 197 tokens, r = 8,
+    onnxruntime ran the gather-form file 1.11x faster than the 0/1-matrix one). TFLite (torch.export,
+    i.e. litert-torch): matmul, as LiteRT ran it 7 % faster than gathers, whose GATHER_ND/TOPK ops
+    XNNPACK does not take (``benchmarks/tome_profile.py`` has the op census)."""
+    export = exporting() if export is None else export
+    return "matmul" if export and not torch.onnx.is_in_onnx_export() else "gather"
 
 
 def _hits(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -84,10 +95,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
     Tokens alternate into A (even positions) and B (odd); each A token keeps its best B match;
     the r best edges merge; the class token (position 0, in A) is protected. Output order is the
     reference's: the unmerged A tokens in their original order (class token first), then B.
-    ``form``: ``gather`` or ``matmul`` (0/1 matrices); default: matmul while exporting, else gather.
+    ``form``: ``gather`` or ``matmul`` (0/1 matrices for every step); default: the faster one
+    where the model runs (see ``default_form``).
     """
-    if form is None:
-        form = "matmul" if exporting() else "gather"
+    export = exporting()
+    form = form or default_form(export)
     if form not in ("gather", "matmul"):
         raise ValueError(f"unknown merge form {form!r}; choose gather or matmul")
     t = metric.shape[1]
@@ -105,16 +117,30 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
         node_max, node_idx = scores.max(dim=-1)  # each A token's best B token
         node_max = node_max - tie_a
         if form == "gather":
-            order = node_max.argsort(dim=-1, descending=True)
-            src_idx = order[:, :r, None]  # the r A tokens that merge away ...
-            dst_idx = node_idx[..., None].gather(1, src_idx)  # ... into these B tokens
-            unm_idx = order[:, r:, None].sort(dim=1).values  # the rest keep their order (class token first)
+            if export:
+                src_idx = node_max.topk(r, dim=-1).indices  # the r A tokens that merge away
+                # The kept A tokens in their original order (class token first), without a sort
+                # (ONNX and TFLite have none; a top-k of every element lowers to one): a top-k of
+                # -index over the kept, the merged pushed below them, in int32 as TFLite's TopK takes it.
+                merged = _hits(src_idx, t_a).any(dim=1)
+                index = torch.arange(t_a, device=merged.device, dtype=torch.int32)
+                unm_idx = torch.where(merged, -2 * t_a, -index).topk(t_a - r, dim=-1).indices
+            else:  # the same indices; one argsort and one small sort are cheaper in eager (422 vs 520 µs)
+                order = node_max.argsort(dim=-1, descending=True)
+                src_idx, unm_idx = order[:, :r], order[:, r:].sort(dim=-1).values
+            dst_idx = node_idx.gather(1, src_idx)  # the B tokens they merge into
+            # a fixed (t_b, r) 0/1 matrix adds the merged tokens where a scatter would not convert
+            into = _hits(dst_idx, t_b).transpose(1, 2) if export else None
+            src_idx, unm_idx, dst_idx = src_idx[..., None], unm_idx[..., None], dst_idx[..., None]
 
             def merge_gather(x: torch.Tensor) -> torch.Tensor:
                 a, b = x[:, ::2], x[:, 1::2]
                 c = x.shape[-1]
                 src = a.gather(1, src_idx.expand(-1, -1, c))
-                b = b.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce="sum")
+                if into is None:
+                    b = b.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce="sum")
+                else:
+                    b = b + _select(into, x.dtype) @ src
                 return torch.cat([a.gather(1, unm_idx.expand(-1, -1, c)), b], dim=1)
 
             return merge_gather
