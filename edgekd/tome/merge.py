@@ -36,7 +36,7 @@ def exporting() -> bool:
 
 def default_form(export: bool | None = None) -> str:
     """The merge form for where the model is going. PyTorch and ONNX: gather (at 197 tokens, r = 8,
-    onnxruntime ran the gather-form file 1.11x faster than the 0/1-matrix one). TFLite (torch.export,
+    onnxruntime ran the gather-form match + merge in 0.68x the time of the 0/1-matrix one). TFLite (torch.export,
     i.e. litert-torch): matmul, as LiteRT ran it 7 % faster than gathers, whose GATHER_ND/TOPK ops
     XNNPACK does not take (``benchmarks/tome_profile.py`` has the op census)."""
     export = exporting() if export is None else export
