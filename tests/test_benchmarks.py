@@ -112,3 +112,15 @@ def test_distill_throughput_prints_every_step_kind_and_the_ceiling():
     for row in rows:
         for key in ("teacher_ce_img_per_s", "kd_img_per_s", "atkd_img_per_s", "teacher_forward_img_per_s"):
             assert row[key] > 0
+
+
+def test_tome_profile_times_each_part_of_a_merging_block(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import tome_profile
+
+    tome_profile.main(["--runs", "2", "--shapes", "0", "--out", str(tmp_path / "tp")])
+    (row,) = json.loads((tmp_path / "tp.json").read_text())["rows"]
+    assert row["tokens"] == 197 and row["schedule_r16"] == [16, 16, 16, 16, 16, 16]
+    for part in ("forward r=0", "forward r=8", "block r=8", "match exact", "match lsh", "merge"):
+        assert row["ms"][part] > 0
+    assert 0 < row["match_share"] < 1 and "| ViT 6×96 | 197 |" in (tmp_path / "tp.md").read_text()

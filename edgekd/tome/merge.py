@@ -36,9 +36,9 @@ def exporting() -> bool:
 
 def default_form(export: bool | None = None) -> str:
     """The merge form for where the model is going. PyTorch and ONNX: gather (at 197 tokens, r = 8,
-    onnxruntime ran the gather-form match + merge in 0.68x the time of the 0/1-matrix one). TFLite (torch.export,
-    i.e. litert-torch): matmul, as LiteRT ran it 7 % faster than gathers, whose GATHER_ND/TOPK ops
-    XNNPACK does not take (``benchmarks/tome_profile.py`` has the op census)."""
+    onnxruntime ran the gather-form match + merge in 0.68x the time of the 0/1-matrix one).
+    TFLite (torch.export, i.e. litert-torch): matmul, as LiteRT ran it 7 % faster than gathers,
+    whose GATHER_ND/TOPK ops XNNPACK does not take (``benchmarks/tome_profile.py``: op census)."""
     export = exporting() if export is None else export
     return "matmul" if export and not torch.onnx.is_in_onnx_export() else "gather"
 
