@@ -421,6 +421,8 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
                                 **kw)
             for name, (tmp, fmt, convert_s) in made.items():
                 path = out_dir / name
+                if fmt.startswith("tflite"):
+                    _check_loads(tmp, name)  # every converter: a file LiteRT cannot load is one line, not a traceback
                 logits = (onnx_runner if fmt == "onnx" else tflite_runner)(tmp)(test_x)  # parity + top-1, one pass
                 parity = _parity(logits, reference)
                 if fmt == "onnx":

@@ -241,3 +241,16 @@ def test_copied_export_dir_benches_and_gates_on_its_own(rgb_run, tmp_path):
         assert r.exit_code == 0, r.output + r.stderr
     finally:
         shutil.move(tmp_path / "images-away", rgb_run.parent / "images")
+
+
+def test_a_converted_file_litert_cannot_load_is_one_line(tmp_path, exported):
+    from edgekd.errors import EdgekdError
+    from edgekd.export import _check_loads
+
+    good = exported[0] / "student_int8.tflite"
+    _check_loads(good, good.name)  # a real file loads
+    bad = tmp_path / "student_int8.tflite"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])  # what a broken converter could leave
+    with pytest.raises(EdgekdError, match=r"the converter wrote student_int8.tflite, and LiteRT cannot load it: ") as e:
+        _check_loads(bad, bad.name)
+    assert "\n" not in str(e.value)
