@@ -421,8 +421,6 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
                                 **kw)
             for name, (tmp, fmt, convert_s) in made.items():
                 path = out_dir / name
-                if fmt.startswith("tflite"):
-                    _check_loads(tmp, name)  # every converter: a file LiteRT cannot load is one line, not a traceback
                 logits = (onnx_runner if fmt == "onnx" else tflite_runner)(tmp)(test_x)  # parity + top-1, one pass
                 parity = _parity(logits, reference)
                 if fmt == "onnx":
@@ -597,7 +595,10 @@ def _convert(role: str, model: nn.Module, sample: torch.Tensor, calib_x: torch.T
         except Exception as e:  # noqa: BLE001 - a converter failure is one line for the user
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise EdgekdError(f"converting {role} to {fmt} failed: {type(e).__name__}: {first}") from None
-        made[name] = (path, fmt, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if fmt.startswith("tflite"):
+            _check_loads(path, name)  # as for onnx2tf's files below: one line, not a traceback later
+        made[name] = (path, fmt, seconds)
         return path
 
     if onnx or converter == "onnx2tf":
