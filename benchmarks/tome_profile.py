@@ -67,17 +67,17 @@ def profile_shape(label: str, px: int, patch: int, width: int, depth: int, heads
 
 
 def exported_files(work: Path, sweep: tuple[int, ...]) -> Path:
-    """The export dir of a 197-token ViT (shape 0 of SHAPES at 56 px) distilled for one epoch on
-    1,200 images: only a file to time and dissect (latency does not depend on the weights)."""
+    """The export dir of the 197-token ViT of ``recipes/fashion_mnist_vit197.yaml`` (12 × 96 at
+    56 px) distilled for one epoch on 1,200 images: only a file to time and dissect (latency does
+    not depend on the weights)."""
     from edgekd.distill.stage import distill
     from edgekd.export import export
     from edgekd.recipe import load_recipe
 
-    run = work / "vit197_1epoch"
+    run = work / "vit197_12x96_1epoch"
     if not (run / "metrics.json").is_file():
-        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_vit.yaml", {
-            "data.image_size": 56, "data.train_subset": 1200, "data.test_subset": 500, "teacher.epochs": 1,
-            "student.epochs": 1, "student.embed_dim": 96, "student.depth": 6, "student.num_heads": 3})
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_vit197.yaml", {
+            "data.train_subset": 1200, "data.test_subset": 500, "teacher.epochs": 1, "student.epochs": 1})
         distill(recipe, run, resume=run.exists())
     if not all((run / "export" / f"student-tome-r{r}-exact_int8.tflite").is_file() for r in sweep if r):
         export(run, int8=True, tome_r=sweep, tome_matchers=("exact",))
@@ -146,19 +146,22 @@ def profile_exported(export_dir: Path, sweep: tuple[int, ...], runs: int) -> lis
 def render_exported(rows: list[dict]) -> list[str]:
     base = rows[0]
     lines = ["## The exported files at 197 tokens", "",
-             "A 6 × 96 ViT at 56 px (197 tokens), distilled one epoch only to have a file (its top-1 means "
+             "The 12 × 96 ViT of `recipes/fashion_mnist_vit197.yaml` at 56 px (197 tokens), distilled one epoch "
+             "only to have a file (its top-1 means "
              "nothing), exported by `edgekd export --int8 --tome-sweep`; LiteRT and onnxruntime, 1 thread, "
              "interleaved. *Partitions*: the XNNPACK delegate partitions LiteRT made; the op types added are "
              "counted over the file's ops beside r = 0's.", "",
-             "| r | LiteRT int8 ms (vs r=0) | LiteRT fp32 ms | onnxruntime ms | int8 partitions | int8 op types "
-             "added by merging |", "|---:|---:|---:|---:|---:|---|"]
+             "| r | LiteRT int8 ms (vs r=0) | LiteRT fp32 ms (vs r=0) | onnxruntime ms (vs r=0) | int8 / fp32 "
+             "partitions | int8 op types added by merging |", "|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         added = {k: v - base["int8"]["types"].get(k, 0) for k, v in row["int8"]["types"].items()
                  if v > base["int8"]["types"].get(k, 0) and k != "DELEGATE"}
         speed = base["litert_int8_ms"] / row["litert_int8_ms"]
         added_text = ", ".join(f"{k} +{v}" for k, v in sorted(added.items(), key=lambda kv: -kv[1])) or "–"
-        lines.append(f"| {row['r']} | {row['litert_int8_ms']:.2f} ({speed:.2f}×) | {row['litert_fp32_ms']:.2f} | "
-                     f"{row['ort_ms']:.2f} | {row['int8']['partitions']} | {added_text} |")
+        lines.append(f"| {row['r']} | {row['litert_int8_ms']:.2f} ({speed:.2f}×) | {row['litert_fp32_ms']:.2f} "
+                     f"({base['litert_fp32_ms'] / row['litert_fp32_ms']:.2f}×) | {row['ort_ms']:.2f} "
+                     f"({base['ort_ms'] / row['ort_ms']:.2f}×) | {row['int8']['partitions']} / "
+                     f"{row['fp32']['partitions']} | {added_text} |")
     lines += ["", "onnxruntime's profiler, µs per run in each op type (top 8):", "",
               "| r | " + " | ".join(f"op {i + 1}" for i in range(8)) + " | all ops µs |", "|---:|" + "---|" * 9]
     for row in rows:

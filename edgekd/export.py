@@ -180,11 +180,19 @@ def export_tflite_fp32(model: nn.Module, sample: torch.Tensor, path: Path) -> No
 
 def calibrate_int8(model: nn.Module, sample: torch.Tensor, calib: torch.Tensor) -> tuple[nn.Module, Any]:
     """PT2E static quantisation: per-channel symmetric int8 weights, int8 activations
-    observed with histograms over the calibration images (fed one at a time: batch 1 graph)."""
+    observed with histograms over the calibration images (fed one at a time: batch 1 graph).
+    ToMe's matching (``TokenMatch``) stays float: its step functions and ranks are exact only in
+    float; the merge's 0/1 matrices, exact in int8, are quantised like any matmul operand."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+    from edgekd.tome.merge import TokenMatch
+
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    # torch.export records a module's type in nn_module_stack as the class or, in this torch, as its
+    # dotted name; the quantizer's filter compares with ``in``, so both are given
+    for module_type in (TokenMatch, f"{TokenMatch.__module__}.{TokenMatch.__qualname__}"):
+        quantizer.set_module_type(module_type, None)
     graph = torch.export.export(model, (sample,)).module()
     graph = prepare_pt2e(graph, quantizer)
     with torch.no_grad():

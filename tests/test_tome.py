@@ -73,6 +73,21 @@ def test_merge_equals_reference_formulation(tokens: int, r: int, form: str) -> N
     torch.testing.assert_close(got_size, want_size)
 
 
+@pytest.mark.parametrize("tokens,r", [(197, 16), (785, 8)])
+def test_the_exported_form_breaks_ties_as_the_gather_form(tokens: int, r: int) -> None:
+    """The matmul form finds maxima and ranks with float step functions: equal scores (identical
+    keys, 2-bit LSH codes) must still pick one B token per A token and exactly r edges, the same as
+    argmax and the sort (the lowest index first)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, tokens, 8)
+    planes = lsh_planes(16, 2)
+    for metric, matcher in [(torch.ones(2, tokens, 16), "exact"), (torch.randn(2, tokens, 16), "lsh")]:
+        want = merge_wavg(bipartite_soft_matching(metric, r, matcher=matcher, planes=planes, form="gather"), x, None)
+        got = merge_wavg(bipartite_soft_matching(metric, r, matcher=matcher, planes=planes, form="matmul"), x, None)
+        torch.testing.assert_close(got, want)
+        assert torch.all(got[1].sum(dim=1) == tokens)  # no token added twice or lost
+
+
 @pytest.mark.parametrize("matcher", ["exact", "lsh"])
 @pytest.mark.parametrize("r", [2, 4, [0, 8, 4, 2]])
 def test_token_mass_is_preserved_and_the_class_token_is_never_merged(matcher: str, r) -> None:

@@ -4,14 +4,17 @@ Two forms of the same merge. The gather form picks the r merged and the kept tok
 fixed-size index tensors (a ``topk`` of r, and a ``topk`` of the kept indices in place of a sort,
 which TFLite lacks) and adds the merged tokens into their destinations with ``scatter_reduce`` in
 PyTorch, or, while exporting, with a (t_b × r) 0/1 matrix (a scatter does not convert). The matmul
-form builds every step as 0/1 matrices compared against ``arange`` and merges with two matmuls:
-only bool/int index arithmetic, Equal, Select, TopK, ArgMax and BatchMatMul, all in ONNX opset 17
-and TFLite's builtins, int8 included. Both equal the reference's gather/scatter (tests check it);
-``default_form`` picks the faster one for where the model is going.
+form is written for LiteRT's XNNPACK delegate: every step is float arithmetic that XNNPACK runs
+(step functions from ReLU and Ceil, ranks as sums of pairwise comparisons, 0/1 matrices applied with
+batched matmuls), with no ArgMax, TopK, Select, CumSum, L2Normalization, strided slice or
+dynamic-weight FullyConnected, each of which XNNPACK refuses and which split the graph into one
+delegate partition per merging block (``benchmarks/tome_profile.py``: op census). Both equal the reference's
+gather/scatter (tests check it); ``default_form`` picks the faster one for where the model is going.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -37,8 +40,9 @@ def exporting() -> bool:
 def default_form(export: bool | None = None) -> str:
     """The merge form for where the model is going. PyTorch and ONNX: gather (at 197 tokens, r = 8,
     onnxruntime ran the gather-form match + merge in 0.68x the time of the 0/1-matrix one).
-    TFLite (torch.export, i.e. litert-torch): matmul, as LiteRT ran it 7 % faster than gathers,
-    whose GATHER_ND/TOPK ops XNNPACK does not take (``benchmarks/tome_profile.py``: op census)."""
+    TFLite (torch.export, i.e. litert-torch): matmul, the form XNNPACK runs whole: the index form
+    before it (TopK, ArgMax, OneHot, CumSum, Select) split the graph at every merging block and
+    made r = 8 slower than r = 0 (``benchmarks/tome_profile.py --exported``)."""
     export = exporting() if export is None else export
     return "matmul" if export and not torch.onnx.is_in_onnx_export() else "gather"
 
@@ -56,24 +60,60 @@ def _select(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(mask, torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype))
 
 
-def match_scores(metric: torch.Tensor, matcher: str = "exact", planes: torch.Tensor | None = None) -> torch.Tensor:
+# Any positive float difference (subnormals aside) times this is >= 1, so ceil(relu(d * _BIG))
+# is a step function of d > 0 that XNNPACK can run; scores lie in [-12, 2], far from overflow.
+_BIG = 1e30
+
+
+def _at_most_one(v: torch.Tensor) -> torch.Tensor:
+    """min(v, 1) for v >= 0, written as ReLU (XNNPACK takes it; TFLite's RELU_0_TO_1 it does not)."""
+    return 1.0 - torch.relu(1.0 - v)
+
+
+def _positive(d: torch.Tensor) -> torch.Tensor:
+    """1.0 where d > 0, else 0.0, in float ops only."""
+    return _at_most_one(torch.ceil(torch.relu(d * _BIG)))
+
+
+def split_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set A (even positions) and set B (odd) as ``x[:, ::2], x[:, 1::2]``, but with a reshape and
+    stride-1 slices: TFLite's STRIDED_SLICE with stride 2 is not run by XNNPACK."""
+    n, t, c = x.shape
+    pairs = x[:, : t - t % 2].reshape(n, t // 2, 2 * c)
+    a, b = pairs[..., :c], pairs[..., c:]
+    return (torch.cat([a, x[:, t - 1:]], dim=1), b) if t % 2 else (a, b)
+
+
+def match_scores(metric: torch.Tensor, matcher: str = "exact", planes: torch.Tensor | None = None,
+                 form: str = "gather") -> torch.Tensor:
     """Scores between set A (even tokens) and set B (odd tokens), shape (B, ceil(t/2), floor(t/2)).
 
     exact: cosine similarity of the keys (the reference). lsh: random-hyperplane codes
     ``sign(k · P)`` with ``P`` a d × b Gaussian matrix; the score is the fraction of agreeing bits
     mapped to [-1, 1] (``codes_a · codes_b / b``), whose expectation is ``1 − 2θ/π`` for keys at
     angle θ (Charikar 2002): a monotone function of the cosine, so with enough bits it ranks
-    pairs as the cosine does.
+    pairs as the cosine does. ``form="matmul"``: the same numbers from ops XNNPACK runs (see the
+    module's docstring).
     """
+    if matcher not in MATCHERS:
+        raise ValueError(f"unknown matcher {matcher!r}; choose from {', '.join(MATCHERS)}")
+    if matcher == "lsh" and planes is None:
+        raise ValueError("the lsh matcher needs its hyperplanes")
+    if form == "matmul":
+        if matcher == "exact":  # a multiply by rsqrt: litert-torch fuses a divide by the norm into
+            m = metric * torch.rsqrt((metric * metric).sum(dim=-1, keepdim=True))  # L2_NORMALIZATION
+        else:  # sign as a step function (a Select would leave XNNPACK)
+            m = 1.0 - 2.0 * _positive(-(metric @ planes))
+        a, b = split_tokens(m)
+        # einsum lowers to BATCH_MATMUL; ``a @ b.mT`` to a FullyConnected with dynamic weights,
+        # which XNNPACK refuses
+        scores = torch.einsum("nic,njc->nij", a, b)
+        return scores if matcher == "exact" else scores / planes.shape[1]
     if matcher == "exact":
         m = metric / metric.norm(dim=-1, keepdim=True)
         return m[:, ::2] @ m[:, 1::2].transpose(-1, -2)
-    if matcher == "lsh":
-        if planes is None:
-            raise ValueError("the lsh matcher needs its hyperplanes")
-        codes = torch.where(metric @ planes >= 0, 1.0, -1.0).to(metric.dtype)
-        return (codes[:, ::2] @ codes[:, 1::2].transpose(-1, -2)) / planes.shape[1]
-    raise ValueError(f"unknown matcher {matcher!r}; choose from {', '.join(MATCHERS)}")
+    codes = torch.where(metric @ planes >= 0, 1.0, -1.0).to(metric.dtype)
+    return (codes[:, ::2] @ codes[:, 1::2].transpose(-1, -2)) / planes.shape[1]
 
 
 def _offsets(t_a: int, t_b: int, dtype: torch.dtype,
@@ -106,17 +146,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
     r = min(r, (t - int(class_token)) // 2)
     if r <= 0:
         return None
-    with torch.no_grad():
-        scores = match_scores(metric, matcher, planes)
-        t_a, t_b = scores.shape[1], scores.shape[2]
-        offsets = _cached_offsets if form == "gather" else _offsets  # eager: a few ops fewer per block
-        protect, tie_b, tie_a = offsets(t_a, t_b, scores.dtype, scores.device)
-        if class_token:
-            scores = scores + protect
-        scores = scores - tie_b
-        node_max, node_idx = scores.max(dim=-1)  # each A token's best B token
-        node_max = node_max - tie_a
+    # no_grad keeps training from differentiating the matching; while exporting it would become a
+    # higher-order op whose tuple output int8 calibration cannot observe (and export has no grad)
+    with contextlib.nullcontext() if export else torch.no_grad():
+        scores = match_scores(metric, matcher, planes, form)
         if form == "gather":
+            t_a, t_b = scores.shape[1], scores.shape[2]
+            protect, tie_b, tie_a = _cached_offsets(t_a, t_b, scores.dtype, scores.device)
+            if class_token:
+                scores = scores + protect
+            scores = scores - tie_b
+            node_max, node_idx = scores.max(dim=-1)  # each A token's best B token
+            node_max = node_max - tie_a
             if export:
                 src_idx = node_max.topk(r, dim=-1).indices  # the r A tokens that merge away
                 # The kept A tokens in their original order (class token first), without a sort
@@ -144,16 +185,56 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
                 return torch.cat([a.gather(1, unm_idx.expand(-1, -1, c)), b], dim=1)
 
             return merge_gather
-        src_idx = node_max.topk(r, dim=-1).indices  # the r A tokens that merge away
+        keep, into = match_matrices(scores, r, class_token)
+    return merge_by_matrices(keep, into)
 
+
+def matmul_constants(t_a: int, t_b: int, r: int, dtype: torch.dtype = torch.float32,
+                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The fixed tensors of the matmul form for t_a A tokens, t_b B tokens and r merges: the class
+    token's protection, the tie-breaking offsets, the index orders and the kept slots. ``TokenMatch``
+    holds them as buffers, so an exported file has them as constants (computed in the graph, int8
+    conversion quantised the aranges and broke them)."""
+    protect, tie_b, tie_a = _offsets(t_a, t_b, dtype, device or torch.device("cpu"))
+    places_b = torch.arange(t_b, device=device, dtype=dtype)
+    places = torch.arange(t_a, device=device, dtype=dtype)
+    return {"protect": protect, "tie_b": tie_b, "tie_a": tie_a,
+            "countdown_b": t_b - places_b,  # t_b, ..., 1: the lowest index scores highest
+            "before": _positive(places[:, None] - places[None, :]),  # (i, j): j < i
+            "slots": torch.arange(t_a - r, device=device, dtype=dtype)[:, None]}
+
+
+def match_matrices(scores: torch.Tensor, r: int, class_token: bool = True,
+                   constants: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matmul form's matching from A × B scores: ``keep`` (B, t_a − r, t_a) picks the kept A
+    tokens in their original order, ``into`` (B, t_b, t_a) adds each merged A token to its B token.
+    Every step is float arithmetic on 0/1 tensors (the module's docstring says why); ties are
+    broken towards the lower index, as argmax and the reference's stable order do."""
+    t_a, t_b = scores.shape[1], scores.shape[2]
+    c = constants or matmul_constants(t_a, t_b, r, scores.dtype, scores.device)
+    if class_token:
+        scores = scores + c["protect"]
+    scores = scores - c["tie_b"]
+    row_max = scores.amax(dim=-1)  # each A token's best score
+    is_max = 1.0 - _positive(row_max[..., None] - scores)  # 1.0 at each row maximum
+    first = is_max * c["countdown_b"]  # the first maximum (argmax's choice) has the largest value
+    best = 1.0 - _positive(first.amax(dim=-1, keepdim=True) - first)
+    node_max = row_max - c["tie_a"]
+    beats = _positive(node_max[:, None, :] - node_max[:, :, None])  # (i, j): token j scores above i
+    ties = (1.0 - beats - beats.transpose(1, 2)) * c["before"]
+    rank = (beats + ties).sum(dim=-1)  # place of each A token in the descending order
+    merged = _at_most_one(torch.relu(r - rank))  # 1.0 for the r best edges
+    kept = 1.0 - merged
+    slot = torch.einsum("nj,ij->ni", kept, c["before"])  # place of each kept token among the kept
+    keep = torch.relu(1.0 - (slot[:, None, :] - c["slots"]).abs()) * kept[:, None, :]
+    return keep, (best * merged[..., None]).transpose(1, 2)
+
+
+def merge_by_matrices(keep: torch.Tensor, into: torch.Tensor) -> Merge:
+    """The merge of the matmul form: two batched matmuls with the 0/1 matrices of ``match_matrices``."""
     def merge(x: torch.Tensor) -> torch.Tensor:
-        merged = _hits(src_idx, t_a).any(dim=1)  # (B, t_a): True where an A token merges away
-        kept = ~merged
-        slot = torch.cumsum(kept.to(torch.int32), dim=-1) - 1  # place of each kept A token among the kept
-        keep = _select(_hits(slot, t_a - r) & kept.unsqueeze(-1), x.dtype).transpose(1, 2)  # (B, t_a - r, t_a)
-        into = _select(_hits(node_idx, t_b) & merged.unsqueeze(-1), x.dtype).transpose(1, 2)  # (B, t_b, t_a)
-        a, b = x[:, ::2], x[:, 1::2]
-        return torch.cat([keep @ a, b + into @ a], dim=1)
+        a, b = split_tokens(x)
+        return torch.cat([torch.einsum("nki,nic->nkc", keep, a), b + torch.einsum("nji,nic->njc", into, a)], dim=1)
 
     return merge
 
@@ -165,6 +246,26 @@ def merge_wavg(merge: Merge, x: torch.Tensor, size: torch.Tensor | None) -> tupl
     merged = merge(torch.cat([x * size, size], dim=-1))  # one merge for both: same matrices
     x, size = merged[..., :-1], merged[..., -1:]
     return x / size, size
+
+
+class TokenMatch(torch.nn.Module):
+    """One block's matching in the matmul form (``match_matrices``), as a module of its own: its
+    constants are buffers (not saved: the state dict keeps timm's keys), and int8 export leaves
+    the ops inside it in float (``edgekd.export.calibrate_int8``), as step functions and ranks are
+    exact only there. The merge that applies its 0/1 matrices stays outside, quantised like any
+    matmul (0 and 1 are exact in int8)."""
+
+    def __init__(self, tokens: int, r: int) -> None:
+        super().__init__()
+        self.r = r
+        for name, value in matmul_constants((tokens + 1) // 2, tokens // 2, r).items():
+            self.register_buffer(name, value, persistent=False)
+
+    def forward(self, metric: torch.Tensor, class_token: bool, matcher: str,
+                planes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        constants = {name: buffer for name, buffer in self.named_buffers()}
+        with contextlib.nullcontext() if exporting() else torch.no_grad():
+            return match_matrices(match_scores(metric, matcher, planes, "matmul"), self.r, class_token, constants)
 
 
 def tokens_after(tokens: int, schedule: list[int], class_token: bool = True) -> list[int]:

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgekd.errors import EdgekdError
-from edgekd.tome.merge import MATCHERS, bipartite_soft_matching, exporting, merge_wavg, tokens_after
+from edgekd.tome.merge import (MATCHERS, TokenMatch, bipartite_soft_matching, default_form, exporting,
+                               merge_by_matrices, merge_wavg, tokens_after)
 
 
 def _vit_classes() -> tuple[type, type, type]:
@@ -61,9 +62,12 @@ def _tome_classes() -> tuple[type, type, type]:
             x_attn, metric = self.attn(self.norm1(x), size if info["prop_attn"] else None)
             x = x + self.drop_path1(self.ls1(x_attn))
             if r > 0:
-                merge = bipartite_soft_matching(metric, r, info["class_token"], info["matcher"], info["planes"])
-                if merge is not None:
-                    x, size = merge_wavg(merge, x, size)
+                if default_form() == "matmul":  # exported for TFLite: the matching in its own module
+                    merge = merge_by_matrices(*self.token_match(metric, info["class_token"], info["matcher"],
+                                                                info["planes"]))
+                else:
+                    merge = bipartite_soft_matching(metric, r, info["class_token"], info["matcher"], info["planes"])
+                x, size = merge_wavg(merge, x, size)
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), size
 
     class ToMeVisionTransformer(VisionTransformer):
@@ -135,6 +139,7 @@ def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact",
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     schedule = check_r(r, tokens, len(model.blocks), class_token=model.cls_token is not None)
     head_dim = model.blocks[0].attn.head_dim
+    counts = tokens_after(tokens, schedule, class_token=model.cls_token is not None)
     model.__class__ = ToMeVisionTransformer
     model._tome_info = {"r": schedule, "matcher": matcher, "bits": bits, "prop_attn": prop_attn,
                         "class_token": model.cls_token is not None,
@@ -142,6 +147,7 @@ def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact",
     for i, block in enumerate(model.blocks):
         block.__class__ = ToMeBlock
         block._tome_index, block._tome_info = i, model._tome_info
+        block.token_match = TokenMatch(counts[i], schedule[i]) if schedule[i] else None
         block.attn.__class__ = ToMeAttention
     return model
 
