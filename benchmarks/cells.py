@@ -1,13 +1,17 @@
 """A resumable table of benchmark cells: each finished cell is kept in a JSON file (written
-atomically), so a killed benchmark continues where it stopped. Shared by methods.py and hard.py."""
+atomically), so a killed benchmark continues where it stopped. Shared by methods.py, hard.py and
+students.py. Several processes may fill one table (one per core): each write merges the cells the
+others wrote, under a file lock, and ``claim`` keeps two of them off the same cell."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from edgekd.checkpoint import write_json
 from edgekd.distill.stage import distill
@@ -27,6 +31,47 @@ class Cells:
     def cells(self) -> dict[str, dict[str, Any]]:
         return self.data["cells"]
 
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def save(self, **data: Any) -> None:
+        """Write the table with ``data`` set at its top level, keeping every cell that another
+        process has written since this one read the file."""
+        with self._locked(self.path.with_name(self.path.name + ".lock")):
+            if self.path.is_file():
+                on_disk = json.loads(self.path.read_text())
+                self.data = {**on_disk, **{k: v for k, v in self.data.items() if k != "cells"},
+                             "cells": {**on_disk.get("cells", {}), **self.cells}}
+            self.data.update(data)
+            write_json(self.path, self.data)
+
+    def keep(self, key: str, value: dict[str, Any]) -> None:
+        """Record one finished cell (see ``save``)."""
+        self.cells[key] = value
+        self.save()
+
+    def refresh(self) -> None:
+        """Read the cells other processes finished since this one read the file."""
+        if self.path.is_file():
+            self.cells.update({k: v for k, v in json.loads(self.path.read_text())["cells"].items()
+                               if k not in self.cells})
+
+    @contextlib.contextmanager
+    def claim(self, run_dir: Path) -> Iterator[bool]:
+        """True while this process holds ``run_dir`` (a non-blocking lock beside it), False when
+        another process is running that cell."""
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.with_name(run_dir.name + ".lock"), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+
     def run(self, key: str, recipe: Recipe, run_dir: Path, row: Callable[[dict[str, Any]], dict[str, Any]],
             ) -> dict[str, Any]:
         """Distil ``recipe`` into ``run_dir`` (resuming a killed cell) unless ``key`` is done;
@@ -34,8 +79,7 @@ class Cells:
         if key not in self.cells:
             t0 = time.perf_counter()
             metrics = distill(recipe, run_dir, resume=run_dir.exists()).metrics
-            self.cells[key] = {**row(metrics), "wall_s": time.perf_counter() - t0}
-            write_json(self.path, self.data)
+            self.keep(key, {**row(metrics), "wall_s": time.perf_counter() - t0})
             print(f"{key}: {json.dumps({k: v for k, v in self.cells[key].items() if isinstance(v, (int, float))})}",
                   flush=True)
             if self.after is not None:
@@ -57,8 +101,7 @@ class Cells:
             if abs(again["test_top1"] - recorded["test_top1"]) > RETRAIN_TOLERANCE:
                 raise SystemExit(f"{key}: the teacher trained again scores {again['test_top1']:.2f} %, not the "
                                  f"recorded {recorded['test_top1']:.2f} %: start a new table with --out")
-            self.cells[key] = {**recorded, "retrained_test_top1": again["test_top1"]}
-            write_json(self.path, self.data)
+            self.keep(key, {**recorded, "retrained_test_top1": again["test_top1"]})
         return self.run(key, recipe, run_dir, row), str(checkpoint)
 
 

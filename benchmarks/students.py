@@ -10,6 +10,7 @@ continue. Writes ``<out>.md`` and ``<out>.png`` (top-1 against p50: the Pareto f
 
     python benchmarks/students.py                                     # benchmarks/students.md
     python benchmarks/students.py --families timm/mobilenetv3_small_100,mobilenet_v2 --seeds 1
+    python benchmarks/students.py --no-timing & python benchmarks/students.py --no-timing  # one per core
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cells import Cells, mean_std  # noqa: E402
 from latency import litert_invoke, time_round_robin  # noqa: E402
 
-from edgekd.checkpoint import write_json, write_text  # noqa: E402
+from edgekd.checkpoint import write_text  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
 from edgekd.export import export  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
@@ -45,6 +47,22 @@ def _row(run_dir: Path, metrics: dict, method: str) -> dict:
             "int8_top1": int8["test_top1"], "int8_drop": fp32["test_top1"] - int8["test_top1"],
             "int8_bytes": int8["size_bytes"], "int8_file": str(run_dir / "export" / "student_int8.tflite"),
             "converter": int8["converter"], "val_top1": metrics["student"]["val_top1"]}
+
+
+def _distil_cell(cells: Cells, key: str, base: Any, arch: str, seed: int, runs: Path) -> None:
+    for method in ("atkd", "kd"):  # AT-KD where the student has feature maps to match
+        recipe = base.model_copy(update={
+            "seed": seed, "student": base.student.model_copy(update={"arch": arch}),
+            "distill": base.distill.model_copy(update={"method": method})})
+        run_dir = runs / f"{arch.replace('/', '_')}_seed{seed}_{method}"
+        try:
+            cells.run(key, recipe, run_dir, lambda m, d=run_dir, me=method: _row(d, m, me))
+            return
+        except EdgekdError as e:
+            if method == "kd" or "has none" not in str(e):
+                cells.keep(key, {"arch": arch, "error": str(e)})
+                print(f"{key}: {e}", flush=True)
+                return
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,22 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seeds):
         for arch in families:
             key = f"{arch}|seed={seed}"
-            if key in cells.cells:
-                continue
-            for method in ("atkd", "kd"):  # AT-KD where the student has feature maps to match
-                recipe = base.model_copy(update={
-                    "seed": seed, "student": base.student.model_copy(update={"arch": arch}),
-                    "distill": base.distill.model_copy(update={"method": method})})
-                run_dir = runs / f"{arch.replace('/', '_')}_seed{seed}_{method}"
-                try:
-                    cells.run(key, recipe, run_dir, lambda m, d=run_dir, me=method: _row(d, m, me))
-                    break
-                except EdgekdError as e:
-                    if method == "kd" or "has none" not in str(e):
-                        cells.cells[key] = {"arch": arch, "error": str(e)}
-                        write_json(cells.path, cells.data)
-                        print(f"{key}: {e}", flush=True)
-                        break
+            cells.refresh()  # another process may have finished it (one process per core may fill the table)
+            if key in cells.cells or "error" in cells.cells.get(f"{arch}|seed=0", {}):
+                continue  # done, or a family refused at seed 0 (conversion or a non-finite loss)
+            with cells.claim(runs / f"{arch.replace('/', '_')}_seed{seed}") as mine:
+                if not mine:  # another process is running this cell
+                    continue
+                cells.refresh()
+                if key not in cells.cells:
+                    _distil_cell(cells, key, base, arch, seed, runs)
     if not args.no_timing:
         files = {k: c["int8_file"] for k, c in cells.cells.items() if "int8_file" in c and Path(c["int8_file"]).is_file()
                  and k.split("|")[0] in families}
@@ -101,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             calls = {k: litert_invoke(Path(f), threads) for k, f in files.items()}
             for k, ms in time_round_robin(calls, runs=args.runs, warmup=20).items():
                 cells.cells[k][f"int8_p50_ms_{threads}t"] = ms
-        cells.data["timing"] = {"load_1m_before": load, "load_1m_after": os.getloadavg()[0], "runs": args.runs}
-        write_json(cells.path, cells.data)
+        cells.save(timing={"load_1m_before": load, "load_1m_after": os.getloadavg()[0], "runs": args.runs})
     write_text(Path(f"{out}.md"), render(cells, families, command))
     _plot(cells, families, Path(f"{out}.png"))
     print(Path(f"{out}.md").read_text())

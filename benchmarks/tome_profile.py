@@ -6,15 +6,17 @@
 Untrained ViTs (latency does not depend on the weights), batch 1, 1 thread, every call timed in one
 interleaved round robin so a noisy neighbour hits all alike. For each shape and token count:
 one whole forward at r = 0, 8 and 16; one block (its second, which already carries token sizes)
-at r = 0 and r = 8; and the parts ToMe adds to that block: the matching step (exact cosine and
-LSH codes) and the merge. The matching step's share of a block bounds what any faster matcher
-(hashing, bucketed or not) can save: it cannot remove more than the whole step.
+at r = 0 and r = 8; and the parts ToMe adds to that block: the matching step (exact cosine, LSH
+codes, and bucketed LSH: cosine within hash buckets) and the merge. The matching step's share of a
+block bounds what any faster matcher (hashing, bucketed or not) can save: it cannot remove more
+than the whole step.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -27,10 +29,12 @@ from latency import time_round_robin  # noqa: E402
 from edgekd.checkpoint import write_json, write_text  # noqa: E402
 from edgekd.models import build_model  # noqa: E402
 from edgekd.tome import apply_tome, bipartite_soft_matching, check_r, merge_wavg  # noqa: E402
+from edgekd.tome.merge import BUCKET_SIZE  # noqa: E402
 from edgekd.tome.patch import lsh_planes  # noqa: E402
 
 # (label, px, patch, width, depth, heads): a student-sized ViT and DeiT-Ti's shape, at 197 and 785 tokens
-SHAPES = (("ViT 6×96", 56, 4, 96, 6, 3), ("DeiT-Ti shape", 56, 4, 192, 12, 3),
+SHAPES = (("ViT 6×96", 56, 4, 96, 6, 3), ("ViT 12×96 (vit197 recipe)", 56, 4, 96, 12, 3),
+          ("DeiT-Ti shape", 56, 4, 192, 12, 3),
           ("ViT 6×96, 112 px", 112, 4, 96, 6, 3), ("DeiT-Ti shape, 112 px", 112, 4, 192, 12, 3))
 
 
@@ -41,6 +45,7 @@ def profile_shape(label: str, px: int, patch: int, width: int, depth: int, heads
     tokens = (px // patch) ** 2 + 1
     x = torch.randn(1, 1, px, px)
     models = {r: apply_tome(copy.deepcopy(plain), r) for r in (0, 8, 16)}
+    bucketed = apply_tome(copy.deepcopy(plain), 8, "bucketed", bits=bits)
     h = torch.randn(1, tokens, width)
     size = torch.randint(1, 3, (1, tokens, 1)).float()
     metric = torch.randn(1, tokens, width // heads)
@@ -58,9 +63,15 @@ def profile_shape(label: str, px: int, patch: int, width: int, depth: int, heads
     calls |= {"block r=0": call(lambda: block0(h)), "block r=8": call(lambda: block8(h, size)),
               "match exact": call(lambda: bipartite_soft_matching(metric, 8)),
               "match lsh": call(lambda: bipartite_soft_matching(metric, 8, matcher="lsh", planes=planes)),
+              "match bucketed": call(lambda: bipartite_soft_matching(metric, 8, matcher="bucketed", planes=planes)),
+              "forward r=8 bucketed": call(lambda: bucketed(x)),
               "merge": call(lambda: merge_wavg(merge, h, size))}
     t = time_round_robin(calls, runs=runs, warmup=10)
+    t_a, d = (tokens + 1) // 2, width // heads
     return {"shape": label, "tokens": tokens, "width": width, "depth": depth, "ms": t,
+            # multiply-adds of the scores: all A × B pairs, or each token against its chunk (padded)
+            "score_macs": {"exact": t_a * (tokens // 2) * d,
+                           "bucketed": -(-tokens // BUCKET_SIZE) * BUCKET_SIZE ** 2 * d},
             "schedule_r16": check_r(16, tokens, depth),
             "match_share": t["match exact"] / t["block r=0"], "merge_share": t["merge"] / t["block r=0"],
             "speedup_r8": t["forward r=0"] / t["forward r=8"], "speedup_r16": t["forward r=0"] / t["forward r=16"]}
@@ -189,6 +200,19 @@ def render(rows: list[dict], meta: dict) -> str:
     lines += ["", "The matching step (scores, best match per token, top-r) is the most a faster matcher could "
               "remove from a merging block; `block r=8` minus `block r=0` is what merging adds to the block that "
               "merges (the blocks after it then run on fewer tokens).", ""]
+    if all("match bucketed" in r["ms"] for r in rows):
+        lines += ["### Bucketed LSH against exact matching (same r = 8)", "",
+                  f"Bucketed: tokens sorted by an angular-LSH bucket ({meta.get('bits', 16)} hyperplanes, "
+                  f"{2 * meta.get('bits', 16)} buckets), cut into chunks of {BUCKET_SIZE}; each A token is scored "
+                  "only against the B tokens of its chunk (`edgekd.tome.merge.bucketed_best_match`).", "",
+                  "| model | tokens | score multiply-adds exact → bucketed | matching exact ms | matching bucketed ms "
+                  "| forward r=8 exact ms | forward r=8 bucketed ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            ms, macs = r["ms"], r["score_macs"]
+            lines.append(f"| {r['shape']} | {r['tokens']} | {macs['exact'] / 1e6:.2f} M → {macs['bucketed'] / 1e6:.2f} M "
+                         f"| {ms['match exact']:.3f} | {ms['match bucketed']:.3f} | {ms['forward r=8']:.2f} | "
+                         f"{ms['forward r=8 bucketed']:.2f} |")
+        lines.append("")
     if meta.get("exported"):
         lines += render_exported(meta["exported"])
     return "\n".join(lines)
@@ -212,7 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{SHAPES[i][0]}: {rows[-1]['ms']}", flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
-    meta = {"runs": args.runs, "load_before": load_before, "load_after": os.getloadavg()[0], "cpu": cpu}
+    meta = {"runs": args.runs, "load_before": load_before, "load_after": os.getloadavg()[0], "cpu": cpu,
+            "bits": args.bits}
+    previous = Path(f"{args.out}.json")
+    if not args.exported and previous.is_file():  # keep the exported files' section of an earlier --exported run
+        meta["exported"] = json.loads(previous.read_text())["meta"].get("exported")
     if args.exported:
         sweep = tuple(int(v) for v in args.sweep.split(","))
         meta["exported"] = profile_exported(exported_files(Path(f"{args.out}_runs"), sweep), sweep, args.runs * 4)

@@ -246,6 +246,45 @@ def tome_models(export_dir: Path, sweep: tuple[int, ...]) -> tuple[str, ...]:
     return tuple(found)
 
 
+def tome_auto_files(export_dir: Path) -> dict[str, dict[str, Any]]:
+    """The int8 ToMe files ``bench --tome-sweep auto`` chooses among: file → {schedule, val_top1}.
+    r = 0 (the unpatched student) and every exact-matcher schedule that ``edgekd export
+    --tome-sweep`` or ``--tome-r auto`` wrote, each with the validation top-1 export measured."""
+    own = _sidecar_tome(export_dir, "student")
+    if own is None:
+        raise EdgekdError(f"--tome-sweep auto needs a ViT student; {export_dir} holds another model")
+    arts = json.loads((export_dir / "export.json").read_text())["artifacts"]
+    found: dict[str, dict[str, Any]] = {}
+    for name, a in arts.items():
+        if not name.endswith("_int8.tflite") or not (export_dir / name).is_file() or "val_top1" not in a:
+            continue
+        tome = a.get("tome") or (own if name == "student_int8.tflite" and own["r"] == 0 else None)
+        if tome is not None and tome.get("matcher") in ("exact", "none") or (tome and tome["r"] == 0):
+            found[name] = {"schedule": list(tome.get("schedule") or []), "val_top1": a["val_top1"]}
+    base = [n for n, f in found.items() if not any(f["schedule"])]
+    if not base or len(found) < 2:
+        raise EdgekdError(f"{export_dir} has no int8 ToMe files with validation scores to choose among; run "
+                          "'edgekd export RUN --int8 --tome-sweep 0,2,4,8' first")
+    depth = max(len(f["schedule"]) for f in found.values())
+    for f in found.values():  # r = 0: no schedule recorded for the unpatched file
+        f["schedule"] = f["schedule"] or [0] * depth
+    return found
+
+
+def choose_tome(export_dir: Path, models: dict[str, Any], max_drop: float) -> dict[str, Any]:
+    """``--tome-sweep auto`` on one target: the fastest int8 ToMe schedule, by this target's p50,
+    within ``max_drop`` validation points of r = 0 that beats r = 0 (else r = 0); see edgekd.tome.auto."""
+    from edgekd.tome.auto import choose_schedule
+
+    files = {n: f for n, f in tome_auto_files(export_dir).items() if n in models}
+    by_schedule = {tuple(f["schedule"]): n for n, f in files.items()}
+    depth = len(next(iter(files.values()))["schedule"])
+    choice = choose_schedule([list(s) for s in by_schedule if any(s)], depth,
+                             lambda every: [models[by_schedule[tuple(s)]]["latency_ms"]["p50"] for s in every],
+                             lambda s: files[by_schedule[tuple(s)]]["val_top1"], max_drop)
+    return {**choice.as_dict(), "file": by_schedule[tuple(choice.schedule)], "max_drop": max_drop}
+
+
 def _bench_target(target: Target, bundle: bytes, models: tuple[str, ...], python: str, threads: int, warmup: int,
                   runs: int, timeout: float, remote_tmp: str) -> dict[str, Any]:
     made = target.check(target.run(["mktemp", "-d", f"{remote_tmp.rstrip('/')}/edgekd.XXXXXXXX"]), "creating a temp dir")
@@ -337,10 +376,13 @@ def _profile_warnings(profile: DeviceProfile, models: dict[str, Any]) -> list[st
 def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] = (), *,
           ssh: SSHOptions | None = None, python: str | None = None, threads: int | None = None, runs: int = 200,
           warmup: int = 20, samples: int = 500, timeout: float = 300, remote_tmp: str = "/tmp",
-          models: tuple[str, ...] = MODELS, tome_sweep: tuple[int, ...] = ()) -> BenchResult:
+          models: tuple[str, ...] = MODELS, tome_sweep: tuple[int, ...] = (), tome_auto: bool = False,
+          tome_max_drop: float = 0.5) -> BenchResult:
     """Run the student int8 and fp32 and the teacher fp32 on each target; write bench.json and report.md.
     ``tome_sweep``: also the ViT student's ToMe files for each r (written by ``edgekd export
-    --tome-sweep``), every matcher exported, in a ToMe table and an accuracy-vs-latency PNG."""
+    --tome-sweep``), every matcher exported, in a ToMe table and an accuracy-vs-latency PNG.
+    ``tome_auto``: time every int8 ToMe schedule the export dir has on each target and pick, per
+    target, the fastest within ``tome_max_drop`` validation points of r = 0 that beats r = 0."""
     export_dir = Path(export_dir)
     if device not in PROFILES:
         raise EdgekdError(f"unknown device '{device}'; choose from {', '.join(PROFILES)}")
@@ -358,6 +400,8 @@ def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] 
         raise EdgekdError(f"{export_dir}: no export.json; run 'edgekd export RUN --int8' first")
     if tome_sweep:
         models = tuple(dict.fromkeys(models + tome_models(export_dir, tome_sweep)))
+    if tome_auto:
+        models = tuple(dict.fromkeys(models + tuple(tome_auto_files(export_dir))))
     present = tuple(m for m in models if (export_dir / m).is_file())
     if not any(m.startswith("student") for m in present):
         raise EdgekdError(f"{export_dir}: none of {', '.join(models)} is there; run 'edgekd export RUN --int8'")
@@ -393,6 +437,9 @@ def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] 
         raise EdgekdError(next(iter(errors.values())) if len(errors) == 1 else
                           "bench failed on every host: " + "; ".join(errors.values()))
     report = _report(export_dir, profile, outcomes, errors, threads, runs, warmup, n_samples)
+    if tome_auto:
+        report["tome_auto"] = {host: choose_tome(export_dir, models_run, tome_max_drop)
+                               for host, models_run in outcomes.items()}
     files = _write(export_dir, report)
     if errors:
         raise EdgekdError(f"bench failed on {', '.join(errors)} ({'; '.join(errors.values())}); the other hosts' "
@@ -544,6 +591,8 @@ def render_markdown(report: dict[str, Any], png: str | None = None) -> str:
             lines.append(f"| {row['r']} | {row['matcher']} | {row['format']} | {row['p50_ms']:.3f} | {speed} | "
                          f"{100 * row['accuracy']:.2f} % |")
         lines += ["", "![ToMe accuracy vs latency](bench_tome.png)", ""]
+    for host, choice in report.get("tome_auto", {}).items():
+        lines += [f"ToMe auto on {host}: **{choice['file']}** (schedule {choice['schedule']}): {choice['reason']}", ""]
     if png:
         lines += [f"![latency histogram]({png})", ""]
     return "\n".join(lines)

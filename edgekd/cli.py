@@ -200,8 +200,10 @@ def export(
                                          "within --tome-max-drop of r = 0 on validation (or none)"),
     tome_max_drop: float = typer.Option(0.5, help="--tome-r auto: validation top-1 points a schedule may lose"),
     tome_sweep: str = typer.Option("", help="ViT: comma-separated r values to export, e.g. 0,2,4,8"),
-    tome_matcher: str = typer.Option("exact", help="ToMe matcher(s), comma-separated: exact, lsh"),
-    tome_bits: int = typer.Option(16, help="bits of the lsh matcher's hash codes"),
+    tome_matcher: str = typer.Option("exact", help="ToMe matcher(s), comma-separated: exact, lsh, bucketed "
+                                     "(cosine within LSH buckets; ONNX only)"),
+    tome_bits: int = typer.Option(16, help="bits of the lsh matcher's hash codes (bucketed: hyperplanes, "
+                                  "2 x bits buckets)"),
 ) -> None:
     """Write ONNX and TFLite (fp32, int8, ...) artifacts into RUN_DIR/export and score each on the test set."""
     from edgekd.export import export as run_export
@@ -326,18 +328,26 @@ def bench(
     timeout: float = typer.Option(300, help="seconds each model may run on the board"),
     remote_tmp: str = typer.Option("/tmp", help="folder on the board for the temporary bundle"),
     tome_sweep: str = typer.Option("", help="ViT: also bench the ToMe files for these r, e.g. 0,2,4,8 "
-                                   "(written by 'edgekd export --tome-sweep')"),
+                                   "(written by 'edgekd export --tome-sweep'); auto: time every int8 ToMe file "
+                                   "on each target and pick the fastest within --tome-max-drop of r = 0"),
+    tome_max_drop: float = typer.Option(0.5, help="--tome-sweep auto: validation top-1 points a schedule may lose"),
 ) -> None:
     """Time and score the student (int8, fp32) against the teacher on boards over SSH, or here."""
     from edgekd.bench import bench as run_bench
+
+    tome_auto = tome_sweep.strip() == "auto"
 
     with _user_errors("the remote temp dirs were removed"):
         with console.status(f"benchmarking on {', '.join(host) or 'this machine'}..."):
             result = run_bench(export_dir, device, tuple(host),
                                ssh=_ssh_options(port, identity, known_hosts, accept_new_host_key), python=python,
                                threads=threads, runs=runs, warmup=warmup, samples=samples, timeout=timeout,
-                               remote_tmp=remote_tmp, tome_sweep=_int_list(tome_sweep, "--tome-sweep"))
+                               remote_tmp=remote_tmp,
+                               tome_sweep=() if tome_auto else _int_list(tome_sweep, "--tome-sweep"),
+                               tome_auto=tome_auto, tome_max_drop=tome_max_drop)
     _bench_table(result.report)
+    for host_name, choice in result.report.get("tome_auto", {}).items():
+        console.print(f"ToMe auto on {host_name}: {choice['file']} (schedule {choice['schedule']}): {choice['reason']}")
     console.print(f"wrote {', '.join(str(f) for f in result.files)}")
 
 

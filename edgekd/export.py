@@ -359,7 +359,8 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
     requested_converter, fallbacks = converter, {}
     converter = resolve_converter(converter, ckpts["student"]["arch"])
     _check_imports(formats, bool(variants), converter)
-    tome_roles = _tome_roles(ckpts["student"], student_path, tome_r, tome_matchers, tome_bits)
+    tome_roles = _tome_roles(ckpts["student"], student_path, tome_r, tome_matchers, tome_bits,
+                             tflite=bool(variants))
     recipe = recipe_from_dict(ckpts["student"]["recipe"])
     data = load_dataset(recipe.data, recipe.seed)
     mean, std = ckpts["student"]["mean"], ckpts["student"]["std"]
@@ -375,6 +376,12 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgekdError(f"{out_dir} is a file, not a folder; move it away so export can write there")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a ViT student's files also get validation top-1: `edgekd bench --tome-sweep auto` chooses a
+    # ToMe schedule by the board's latency and validation (never test) accuracy
+    val_x = val_y = None
+    if ckpts["student"]["arch"] == "vit" and len(data.val):
+        val_u8, val_labels = gather(data.val)
+        val_x, val_y = prepare_batch(val_u8, torch.tensor(mean), torch.tensor(std)).numpy(), val_labels.numpy()
     bench_u8, bench_y = gather(data.test, samples, seed=0)
     with atomic_path(out_dir / SAMPLES_FILE) as tmp:
         with open(tmp, "wb") as f:
@@ -438,6 +445,9 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
                          "size_bytes": tmp.stat().st_size, "convert_s": round(convert_s, 2), "parity": parity,
                          "test_top1": 100.0 * float((logits.argmax(1) == test_y).mean()),
                          "test_images": int(len(test_y))}
+                if val_x is not None and role.startswith("student"):
+                    val_logits = (onnx_runner if fmt == "onnx" else tflite_runner)(tmp)(val_x)
+                    entry["val_top1"] = 100.0 * float((val_logits.argmax(1) == val_y).mean())
                 if fmt.startswith("tflite"):
                     entry["io"] = tflite_io_details(tmp)
                 with atomic_path(path) as final:  # fsync + rename: never a half-written artifact
@@ -556,7 +566,7 @@ def _trained_tome(ckpt: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _tome_roles(ckpt: dict[str, Any], path: Path, rs: tuple[int, ...], matchers: tuple[str, ...],
-                bits: int) -> dict[str, dict[str, Any]]:
+                bits: int, tflite: bool = True) -> dict[str, dict[str, Any]]:
     """The ToMe variants to export: role name → {r, matcher, bits}. Checked before any conversion."""
     if not rs:
         return {}
@@ -564,12 +574,18 @@ def _tome_roles(ckpt: dict[str, Any], path: Path, rs: tuple[int, ...], matchers:
         raise EdgekdError(f"--tome-r/--tome-sweep need a vit student; {path} holds a {ckpt['arch']} "
                           "(distil with student.arch: vit, e.g. recipes/fashion_mnist_vit.yaml)")
     from edgekd.tome import MATCHERS, check_r
+    from edgekd.tome.merge import BUCKET_SIZE
 
     for m in matchers:
         if m not in MATCHERS:
             raise EdgekdError(f"unknown ToMe matcher '{m}'; choose from {', '.join(MATCHERS)}")
-    if "lsh" in matchers and bits < 1:
+    if set(matchers) - {"exact"} and bits < 1:
         raise EdgekdError("--tome-bits must be at least 1")
+    if "bucketed" in matchers and tflite:
+        # its sort lowers to a TFLite comparator on int64 that the converter refuses, and XNNPACK
+        # would not run a TopK in its place: in LiteRT it could only be slower than exact matching
+        raise EdgekdError("the bucketed ToMe matcher exports to ONNX only (its hash sort does not convert to "
+                          "TFLite); export it with --formats onnx --no-int8, or use exact or lsh for TFLite")
     kw = ckpt.get("model_kwargs", {})
     tokens = (ckpt["image_size"] // kw.get("patch_size", 4)) ** 2 + 1
     trained = _trained_tome(ckpt)
@@ -583,7 +599,9 @@ def _tome_roles(ckpt: dict[str, Any], path: Path, rs: tuple[int, ...], matchers:
                 continue  # r = 0 merges nothing: one unpatched file is enough
             roles[f"student-tome-r{r}-{m if r else 'none'}"] = {"r": r, "schedule": schedule,
                                                                "matcher": m if r else "none",
-                                                               **({"bits": bits} if m == "lsh" and r else {})}
+                                                               **({"bits": bits} if m != "exact" and r else {}),
+                                                               **({"bucket_size": BUCKET_SIZE} if m == "bucketed" and r
+                                                                  else {})}
     return roles
 
 

@@ -41,6 +41,26 @@ def test_paired_difference_and_t_interval_by_hand():
     assert paired_difference({0: 1.0}, {0: 0.0}) is None
 
 
+def test_two_processes_fill_one_table_without_losing_cells(tmp_path):
+    """Two workers read the table, each finishes a different cell: both cells survive, and a cell
+    one worker holds is refused to the other."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cells import Cells
+
+    path = tmp_path / "t.json"
+    first, second = Cells(path), Cells(path)  # both read the (missing) file before either writes
+    first.keep("a|seed=0", {"top1": 1.0})
+    second.keep("b|seed=0", {"top1": 2.0})
+    second.save(timing={"runs": 3})
+    first.keep("c|seed=0", {"top1": 3.0})
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk["cells"]) == {"a|seed=0", "b|seed=0", "c|seed=0"} and on_disk["timing"] == {"runs": 3}
+    with first.claim(tmp_path / "runs" / "a") as mine, second.claim(tmp_path / "runs" / "a") as theirs:
+        assert mine and not theirs
+    with second.claim(tmp_path / "runs" / "a") as now_mine:
+        assert now_mine
+
+
 def test_hard_table_runs_and_resumes(tmp_path):
     out = tmp_path / "hard"
     cmd = [sys.executable, str(REPO / "benchmarks" / "hard.py"), "--seeds", "1", "--train-subset", "300",
@@ -121,6 +141,9 @@ def test_tome_profile_times_each_part_of_a_merging_block(tmp_path):
     tome_profile.main(["--runs", "2", "--shapes", "0", "--out", str(tmp_path / "tp")])
     (row,) = json.loads((tmp_path / "tp.json").read_text())["rows"]
     assert row["tokens"] == 197 and row["schedule_r16"] == [16, 16, 16, 16, 16, 16]
-    for part in ("forward r=0", "forward r=8", "block r=8", "match exact", "match lsh", "merge"):
+    for part in ("forward r=0", "forward r=8", "block r=8", "match exact", "match lsh", "match bucketed",
+                 "forward r=8 bucketed", "merge"):
         assert row["ms"][part] > 0
-    assert 0 < row["match_share"] < 1 and "| ViT 6×96 | 197 |" in (tmp_path / "tp.md").read_text()
+    assert row["score_macs"] == {"exact": 99 * 98 * 32, "bucketed": 7 * 32 * 32 * 32}
+    md = (tmp_path / "tp.md").read_text()
+    assert 0 < row["match_share"] < 1 and "| ViT 6×96 | 197 |" in md and "Bucketed LSH against exact" in md

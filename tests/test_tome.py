@@ -88,7 +88,7 @@ def test_the_exported_form_breaks_ties_as_the_gather_form(tokens: int, r: int) -
         assert torch.all(got[1].sum(dim=1) == tokens)  # no token added twice or lost
 
 
-@pytest.mark.parametrize("matcher", ["exact", "lsh"])
+@pytest.mark.parametrize("matcher", ["exact", "lsh", "bucketed"])
 @pytest.mark.parametrize("r", [2, 4, [0, 8, 4, 2]])
 def test_token_mass_is_preserved_and_the_class_token_is_never_merged(matcher: str, r) -> None:
     model = apply_tome(small_vit(), r, matcher, bits=8)
@@ -134,6 +134,36 @@ def test_lsh_with_enough_bits_reproduces_exact_matching() -> None:
     assert not torch.allclose(few[0], exact[0])  # 2 bits cannot rank these pairs: the test can fail
 
 
+def test_bucketed_matching_is_exact_matching_within_each_bucket() -> None:
+    """One chunk holding every token is exact matching; with small chunks, each A token's partner
+    is the best B token of its own chunk (brute force over the hash-sorted order)."""
+    from edgekd.tome.merge import bucketed_best_match, match_scores
+
+    torch.manual_seed(0)
+    metric, x, planes = torch.randn(2, 197, 16), torch.randn(2, 197, 8), lsh_planes(16, 4)
+    exact = merge_wavg(bipartite_soft_matching(metric, 16), x, None)
+    whole = merge_wavg(bipartite_soft_matching(metric, 16, matcher="bucketed", planes=planes, bucket_size=256), x, None)
+    torch.testing.assert_close(whole, exact)
+    best, partner = bucketed_best_match(metric, planes, bucket_size=8)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    bucket = torch.cat([m @ planes, -(m @ planes)], dim=-1).argmax(-1)
+    scores = match_scores(metric)
+    for n in range(2):
+        order = sorted(range(197), key=lambda i: (int(bucket[n, i]), i))
+        chunk = {tok: k // 8 for k, tok in enumerate(order)}
+        for i in range(0, 197, 2):
+            mates = [j for j in range(1, 197, 2) if chunk[j] == chunk[i]]
+            if not mates:
+                assert best[n, i // 2] == -2.0
+                continue
+            want = max(mates, key=lambda j: float(scores[n, i // 2, j // 2]))
+            assert int(partner[n, i // 2]) == want // 2
+            torch.testing.assert_close(best[n, i // 2], scores[n, i // 2, want // 2])
+    out, size = merge_wavg(bipartite_soft_matching(metric, 16, matcher="bucketed", planes=planes, bucket_size=8),
+                           x, None)
+    assert out.shape == (2, 181, 8) and torch.all(size.sum(dim=1) == 197)
+
+
 def test_r_is_clamped_per_block_as_the_reference_does_and_refused_only_past_the_first_block() -> None:
     assert check_r(4, 50, 4) == [4, 4, 4, 4]
     # 50 tokens: the first block merges 16 (at most 24); then 34 -> 16, 18 -> 8 (half of 17), 10 -> 4
@@ -147,7 +177,7 @@ def test_r_is_clamped_per_block_as_the_reference_does_and_refused_only_past_the_
         check_r(25, 50, 4)
 
 
-@pytest.mark.parametrize("matcher", ["exact", "lsh"])
+@pytest.mark.parametrize("matcher", ["exact", "lsh", "bucketed"])
 def test_exported_onnx_matches_pytorch_for_r_above_zero(tmp_path, matcher: str) -> None:
     from edgekd.export import export_onnx, onnx_runner
 
@@ -214,6 +244,27 @@ def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
     assert (vit_run / "export" / "bench_tome.png").stat().st_size > 0
     msg = one_line_error(runner.invoke(app, ["bench", str(vit_run / "export"), "--tome-sweep", "0,8"]))
     assert "no ToMe r=8 files" in msg and "--tome-sweep 0,8" in msg
+    # auto on the target: the choice is by this target's p50 and the validation top-1 export measured
+    r = runner.invoke(app, ["bench", str(vit_run / "export"), "--device", "local", "--tome-sweep", "auto",
+                            "--runs", "20", "--warmup", "2", "--samples", "50"])
+    assert r.exit_code == 0, r.output + r.stderr
+    bench = json.loads((vit_run / "export" / "bench.json").read_text())
+    choice, timed = bench["tome_auto"]["local"], bench["hosts"]["local"]["models"]
+    assert {c["schedule"][0] for c in choice["candidates"]} == {4} and choice["baseline"]["schedule"] == [0, 0, 0]
+    assert choice["baseline"]["latency_ms"] == timed["student-tome-r0-none_int8.tflite"]["latency_ms"]["p50"]
+    assert choice["baseline"]["val_top1"] == arts["student-tome-r0-none_int8.tflite"]["val_top1"]
+    chosen = timed[choice["file"]]["latency_ms"]["p50"]
+    assert chosen <= choice["baseline"]["latency_ms"]  # never slower than r = 0 on the target
+    assert f"ToMe auto on local: {choice['file']}" in r.output
+    # bucketed matching sorts tokens: ONNX only, refused in one line for TFLite
+    msg = one_line_error(runner.invoke(app, ["export", str(vit_run), "--tome-sweep", "4", "--tome-matcher", "bucketed"]))
+    assert "bucketed ToMe matcher exports to ONNX only" in msg and "--formats onnx --no-int8" in msg
+    r = runner.invoke(app, ["export", str(vit_run), "--formats", "onnx", "--no-int8", "--tome-sweep", "4",
+                            "--tome-matcher", "bucketed", "--tome-bits", "2", "--samples", "100"])
+    assert r.exit_code == 0, r.output + r.stderr
+    art = json.loads((vit_run / "export" / "export.json").read_text())["artifacts"]["student-tome-r4-bucketed.onnx"]
+    assert art["tome"] == {"r": 4, "schedule": [4, 4, 4], "matcher": "bucketed", "bits": 2, "bucket_size": 32}
+    assert art["parity"]["top1_agreement"] >= 95
 
 
 def test_auto_r_picks_the_fastest_schedule_within_the_drop_and_never_a_slower_one() -> None:

@@ -20,7 +20,9 @@ from typing import Callable
 
 import torch
 
-MATCHERS = ("exact", "lsh")
+MATCHERS = ("exact", "lsh", "bucketed")
+# bucketed: tokens per chunk of the hash-sorted sequence (the fixed bucket capacity)
+BUCKET_SIZE = 32
 # Ties are common under LSH (scores are multiples of 2/b) and runtimes break them differently, so
 # an exported model would merge other tokens than PyTorch. A tiny index-dependent offset makes
 # every choice unique and the same everywhere; it is far below any real score difference.
@@ -95,8 +97,8 @@ def match_scores(metric: torch.Tensor, matcher: str = "exact", planes: torch.Ten
     pairs as the cosine does. ``form="matmul"``: the same numbers from ops XNNPACK runs (see the
     module's docstring).
     """
-    if matcher not in MATCHERS:
-        raise ValueError(f"unknown matcher {matcher!r}; choose from {', '.join(MATCHERS)}")
+    if matcher not in ("exact", "lsh"):  # bucketed has no dense score matrix: bucketed_best_match
+        raise ValueError(f"unknown matcher {matcher!r}; choose from exact, lsh")
     if matcher == "lsh" and planes is None:
         raise ValueError("the lsh matcher needs its hyperplanes")
     if form == "matmul":
@@ -116,6 +118,43 @@ def match_scores(metric: torch.Tensor, matcher: str = "exact", planes: torch.Ten
     return (codes[:, ::2] @ codes[:, 1::2].transpose(-1, -2)) / planes.shape[1]
 
 
+def bucketed_best_match(metric: torch.Tensor, planes: torch.Tensor,
+                        bucket_size: int = BUCKET_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each A token's best B token (cosine of the keys), searched only within its hash bucket:
+    LSH that saves work rather than replacing the score (Reformer's bucketing, Kitaev et al. 2020).
+
+    Angular LSH (Andoni et al. 2015): a token's bucket is ``argmax([k·P, −k·P])`` over ``2h``
+    buckets for the d × h hyperplanes ``P``. The tokens of A and B together are sorted by (bucket,
+    position) and cut into chunks of ``bucket_size`` — a fixed capacity, so every shape is static
+    — and each A token is scored against the B tokens of its chunk only: ``t · s · d`` multiply-adds
+    instead of exact matching's ``t_a · t_b · d`` (at 785 tokens, s = 32, d = 32: 0.8 M for 4.9 M).
+    An A token with no B token in its chunk scores −2 and so merges last.
+    Returns (B, ceil(t/2)) best scores and the index of that B token in set B.
+    """
+    n, t, d = metric.shape
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    projected = m @ planes
+    bucket = torch.cat([projected, -projected], dim=-1).argmax(dim=-1)
+    position = torch.arange(t, device=m.device)
+    order = (bucket * t + position).argsort(dim=-1)  # by bucket, then position: deterministic
+    pad = -t % bucket_size
+    keys = m.gather(1, order[..., None].expand(-1, -1, d))
+    is_b = order % 2 == 1  # B is the odd positions
+    if pad:  # padding joins the last chunk as neither A nor B
+        keys = torch.cat([keys, keys.new_zeros(n, pad, d)], dim=1)
+        is_b = torch.cat([is_b, is_b.new_zeros(n, pad)], dim=1)
+        order = torch.cat([order, order.new_zeros(n, pad)], dim=1)
+    chunks = keys.view(n, -1, bucket_size, d)
+    scores = chunks @ chunks.transpose(-1, -2)  # (B, chunks, s, s)
+    scores = torch.where(is_b.view(n, -1, 1, bucket_size), scores, scores.new_tensor(-2.0))
+    best, column = scores.max(dim=-1)
+    partner = order.view(n, -1, bucket_size).gather(2, column).view(n, -1)[:, :t]  # position of the B token
+    unsort = order[:, :t].argsort(dim=-1)
+    best = best.view(n, -1)[:, :t].gather(1, unsort)
+    partner = partner.gather(1, unsort)
+    return best[:, ::2], partner[:, ::2] // 2
+
+
 def _offsets(t_a: int, t_b: int, dtype: torch.dtype,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The class token's protection (a (t_a, 1) column) and the tie-breaking offsets of B and A."""
@@ -128,7 +167,8 @@ _cached_offsets = functools.lru_cache(maxsize=256)(_offsets)
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = True, matcher: str = "exact",
-                            planes: torch.Tensor | None = None, form: str | None = None) -> Merge | None:
+                            planes: torch.Tensor | None = None, form: str | None = None,
+                            bucket_size: int = BUCKET_SIZE) -> Merge | None:
     """ToMe's bipartite soft matching: merge the ``r`` tokens of set A most similar to some token
     of set B into it. Returns ``merge(x)`` (sum mode, shape (B, t − r, C)) or None when r = 0.
 
@@ -136,12 +176,17 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
     the r best edges merge; the class token (position 0, in A) is protected. Output order is the
     reference's: the unmerged A tokens in their original order (class token first), then B.
     ``form``: ``gather`` or ``matmul`` (0/1 matrices for every step); default: the faster one
-    where the model runs (see ``default_form``).
+    where the model runs (see ``default_form``). ``matcher``: exact (cosine), lsh (agreement of
+    hash codes) or bucketed (cosine within hash buckets of ``bucket_size``; gather form only).
     """
     export = exporting()
-    form = form or default_form(export)
+    form = "gather" if matcher == "bucketed" else form or default_form(export)  # a sort: no matmul form
     if form not in ("gather", "matmul"):
         raise ValueError(f"unknown merge form {form!r}; choose gather or matmul")
+    if matcher not in MATCHERS:
+        raise ValueError(f"unknown matcher {matcher!r}; choose from {', '.join(MATCHERS)}")
+    if matcher != "exact" and planes is None:
+        raise ValueError(f"the {matcher} matcher needs its hyperplanes")
     t = metric.shape[1]
     r = min(r, (t - int(class_token)) // 2)
     if r <= 0:
@@ -149,14 +194,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
     # no_grad keeps training from differentiating the matching; while exporting it would become a
     # higher-order op whose tuple output int8 calibration cannot observe (and export has no grad)
     with contextlib.nullcontext() if export else torch.no_grad():
-        scores = match_scores(metric, matcher, planes, form)
         if form == "gather":
-            t_a, t_b = scores.shape[1], scores.shape[2]
-            protect, tie_b, tie_a = _cached_offsets(t_a, t_b, scores.dtype, scores.device)
-            if class_token:
-                scores = scores + protect
-            scores = scores - tie_b
-            node_max, node_idx = scores.max(dim=-1)  # each A token's best B token
+            t_a, t_b = (t + 1) // 2, t // 2
+            protect, tie_b, tie_a = _cached_offsets(t_a, t_b, metric.dtype, metric.device)
+            if matcher == "bucketed":
+                node_max, node_idx = bucketed_best_match(metric, planes, bucket_size)
+                node_max = node_max + protect[:, 0] if class_token else node_max
+            else:
+                scores = match_scores(metric, matcher, planes, form)
+                if class_token:
+                    scores = scores + protect
+                scores = scores - tie_b
+                node_max, node_idx = scores.max(dim=-1)  # each A token's best B token
             node_max = node_max - tie_a
             if export:
                 src_idx = node_max.topk(r, dim=-1).indices  # the r A tokens that merge away
@@ -185,7 +234,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
                 return torch.cat([a.gather(1, unm_idx.expand(-1, -1, c)), b], dim=1)
 
             return merge_gather
-        keep, into = match_matrices(scores, r, class_token)
+        keep, into = match_matrices(match_scores(metric, matcher, planes, form), r, class_token)
     return merge_by_matrices(keep, into)
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgekd.errors import EdgekdError
-from edgekd.tome.merge import (MATCHERS, TokenMatch, bipartite_soft_matching, default_form, exporting,
+from edgekd.tome.merge import (BUCKET_SIZE, MATCHERS, TokenMatch, bipartite_soft_matching, default_form, exporting,
                                merge_by_matrices, merge_wavg, tokens_after)
 
 
@@ -62,11 +62,13 @@ def _tome_classes() -> tuple[type, type, type]:
             x_attn, metric = self.attn(self.norm1(x), size if info["prop_attn"] else None)
             x = x + self.drop_path1(self.ls1(x_attn))
             if r > 0:
-                if default_form() == "matmul":  # exported for TFLite: the matching in its own module
+                if default_form() == "matmul" and self.token_match is not None:
+                    # exported for TFLite: the matching in its own module
                     merge = merge_by_matrices(*self.token_match(metric, info["class_token"], info["matcher"],
                                                                 info["planes"]))
                 else:
-                    merge = bipartite_soft_matching(metric, r, info["class_token"], info["matcher"], info["planes"])
+                    merge = bipartite_soft_matching(metric, r, info["class_token"], info["matcher"], info["planes"],
+                                                    bucket_size=info["bucket_size"])
                 x, size = merge_wavg(merge, x, size)
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), size
 
@@ -124,17 +126,21 @@ def lsh_planes(dim: int, bits: int, seed: int = 0) -> torch.Tensor:
 
 
 def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact", bits: int = 16,
-               prop_attn: bool = True, seed: int = 0) -> nn.Module:
+               prop_attn: bool = True, seed: int = 0, bucket_size: int = BUCKET_SIZE) -> nn.Module:
     """Patch a timm VisionTransformer in place for ToMe and return it; call again to change r or
     the matcher. ``r``: tokens merged per block (an int or one value per block); ``matcher``:
-    exact (cosine of the keys) or lsh (``bits``-bit random-hyperplane codes)."""
+    exact (cosine of the keys), lsh (``bits``-bit random-hyperplane codes) or bucketed (cosine
+    within the chunks of ``bucket_size`` tokens of a hash-sorted order; ``bits`` hyperplanes give
+    2 × ``bits`` buckets)."""
     VisionTransformer, Block, Attention = _vit_classes()
     if not isinstance(model, VisionTransformer):
         raise EdgekdError(f"ToMe patches a timm VisionTransformer, not a {type(model).__name__}")
     if matcher not in MATCHERS:
         raise EdgekdError(f"unknown ToMe matcher '{matcher}'; choose from {', '.join(MATCHERS)}")
-    if matcher == "lsh" and bits < 1:
-        raise EdgekdError("the lsh matcher needs at least 1 bit")
+    if matcher != "exact" and bits < 1:
+        raise EdgekdError(f"the {matcher} matcher needs at least 1 bit")
+    if bucket_size < 2:
+        raise EdgekdError(f"the bucketed matcher's bucket size must be at least 2, got {bucket_size}")
     ToMeVisionTransformer, ToMeBlock, ToMeAttention = _tome_classes()
     tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     schedule = check_r(r, tokens, len(model.blocks), class_token=model.cls_token is not None)
@@ -143,11 +149,13 @@ def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact",
     model.__class__ = ToMeVisionTransformer
     model._tome_info = {"r": schedule, "matcher": matcher, "bits": bits, "prop_attn": prop_attn,
                         "class_token": model.cls_token is not None,
-                        "planes": lsh_planes(head_dim, bits, seed) if matcher == "lsh" else None}
+                        "bucket_size": bucket_size,
+                        "planes": lsh_planes(head_dim, bits, seed) if matcher != "exact" else None}
     for i, block in enumerate(model.blocks):
         block.__class__ = ToMeBlock
         block._tome_index, block._tome_info = i, model._tome_info
-        block.token_match = TokenMatch(counts[i], schedule[i]) if schedule[i] else None
+        # the matmul form's matching for TFLite (bucketed sorts, so it keeps the gather form)
+        block.token_match = TokenMatch(counts[i], schedule[i]) if schedule[i] and matcher != "bucketed" else None
         block.attn.__class__ = ToMeAttention
     return model
 
@@ -157,5 +165,6 @@ def tome_settings(model: nn.Module) -> dict[str, Any] | None:
     info = getattr(model, "_tome_info", None)
     if info is None:
         return None
-    return {"r": list(info["r"]), "matcher": info["matcher"], "bits": info["bits"] if info["matcher"] == "lsh" else None,
-            "prop_attn": info["prop_attn"]}
+    return {"r": list(info["r"]), "matcher": info["matcher"], "bits": info["bits"] if info["matcher"] != "exact" else None,
+            "prop_attn": info["prop_attn"],
+            **({"bucket_size": info["bucket_size"]} if info["matcher"] == "bucketed" else {})}
