@@ -33,15 +33,18 @@ from edgekd.checkpoint import write_text  # noqa: E402
 from edgekd.recipe import Recipe, load_recipe  # noqa: E402
 
 SHIFTS = {"crop_padding": 7, "hflip": False, "rotation_deg": 0, "brightness": 0}  # ±25 % of 28 px
+PHASE_CAP = 200  # augmentor iterations: about half an epoch of the converged budget (422 batches)
 
 
 def _variant(base: Recipe, seed: int, teacher: str | None, method: str, augment: str | None = None,
-             shifts: bool = False) -> Recipe:
+             shifts: bool = False, hard: dict | None = None) -> Recipe:
     data = base.data.model_copy(update={"augment": base.data.augment.model_copy(update=SHIFTS)}) if shifts else base.data
+    distill = base.distill.model_copy(update={"method": method, "augment": augment})
+    if hard:
+        distill = distill.model_copy(update={"hard": distill.hard.model_copy(update=hard)})
     return base.model_copy(update={
         "seed": seed, "data": data,
-        "teacher": base.teacher.model_copy(update={"checkpoint": teacher}),
-        "distill": base.distill.model_copy(update={"method": method, "augment": augment}),
+        "teacher": base.teacher.model_copy(update={"checkpoint": teacher}), "distill": distill,
     })
 
 
@@ -130,11 +133,18 @@ def main(argv: list[str] | None = None) -> None:
                 ("KD", "kd", {"method": "kd"}),
                 ("KD + random shifts", "kd-shifts", {"method": "kd", "shifts": True}),
                 ("KD + hard-affine", "kd-hard-affine", {"method": "kd", "augment": "hard-affine"}),
+                # the converged run's stall (an augmentor phase that never reached l_max): the same
+                # with every augmentor phase capped at half an epoch (edgekd.augment.hard)
+                (f"KD + hard-affine, phase cap {PHASE_CAP}", f"kd-hard-affine-cap{PHASE_CAP}",
+                 {"method": "kd", "augment": "hard-affine", "hard": {"max_phase": PHASE_CAP}}),
                 ("KD + hard-mix", "kd-hard-mix", {"method": "kd", "augment": "hard-mix"}),
                 ("KD + hard-vae", "kd-hard-vae", {"method": "kd", "augment": "hard-vae"}))
     # seed by seed, the rows that answer the question first; hard-mix, hard-vae and the student
     # alone after every seed of those (the converged budget makes each cell long)
-    first = ("kd", "kd-shifts", "kd-hard-affine") if args.converged else tuple(v[1] for v in variants)
+    if not args.converged:  # the first table keeps its rows
+        variants = tuple(v for v in variants if v[1] != f"kd-hard-affine-cap{PHASE_CAP}")
+    first = (("kd", "kd-shifts", "kd-hard-affine", f"kd-hard-affine-cap{PHASE_CAP}") if args.converged
+             else tuple(v[1] for v in variants))
     order = [(seed, v) for seed in range(args.seeds) for v in variants if v[1] in first]
     order += [(seed, v) for seed in range(args.seeds) for v in variants if v[1] not in first]
     rows: dict[str, list[dict]] = {"teacher (CNN)": []}

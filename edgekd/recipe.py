@@ -126,6 +126,9 @@ class HardConfig(_Strict):
         "absolute", description="what l_min/l_max compare with: the disagreement on augmented batches, or that "
         "minus the student's disagreement on the same batch un-augmented (what the augmentation adds)")
     lr: float | None = Field(None, gt=0, description="augmentor learning rate (Adam); None = the augmentor's")
+    max_phase: int | None = Field(None, ge=1, description="an augmentor phase that has not pushed the "
+                                  "disagreement above l_max within this many iterations ends anyway: its "
+                                  "augmentor is saved and the student trains (None: the paper's rule, no cap)")
 
 
 class DistillConfig(_Strict):

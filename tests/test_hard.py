@@ -96,6 +96,33 @@ def test_switching_rule_on_a_scripted_sequence():
     assert hard.phase == "student" and hard.switches == 2 and len(hard.pool) == 2
 
 
+def test_an_augmentor_phase_that_never_reaches_l_max_ends_at_the_cap():
+    """max_phase: an augmentor phase stuck below l_max ends after exactly max_phase augmentor steps,
+    its augmentor saved; without the cap (the paper's rule) the same sequence never leaves it."""
+    x = (_real_batch(8) - 0.3) / 0.35
+    for cap in (None, 4):
+        hard, student, teacher = _hard(l_min=5.0, l_max=101.0, consecutive=2, max_phase=cap)  # l_max unreachable
+        for d in (1, 1):
+            hard.end_iteration(d)
+        assert hard.phase == "augmentor" and hard.switches == 1
+        g = torch.Generator().manual_seed(0)
+        for step in range(1, 7):
+            hard.augmentor_step(student, teacher, x, g)
+            if cap is not None and step == cap:
+                assert hard.phase == "student" and hard.switches == 2 and len(hard.pool) == 2 and hard.capped == 1
+                break
+            assert hard.phase == "augmentor", step
+        if cap is None:
+            assert hard.switches == 1 and len(hard.pool) == 1 and hard.capped == 0
+    # a new augmentor phase counts from zero, and the count survives a checkpoint
+    for d in (1, 1):
+        hard.end_iteration(d)
+    hard.augmentor_step(student, teacher, x, g)
+    again, _, _ = _hard(l_min=5.0, l_max=101.0, consecutive=2, max_phase=cap)
+    again.load_state_dict(hard.state_dict())
+    assert again.phase_iterations == 1 and again.capped == 1
+
+
 def test_relative_threshold_switches_on_what_the_augmentation_adds():
     """A student that disagrees with its teacher on 20 % of clean images never gets below an
     absolute l_min of 5 %; read relative to that, it switches exactly at the third iteration in a

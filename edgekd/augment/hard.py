@@ -11,6 +11,12 @@ is saved into the pool, and the student trains again, each iteration on a random
 augmentor (against forgetting). The pool starts with the identity augmentor. Unphased
 augmentors (hard-mix) take one augmentor step and one student step every iteration.
 
+``max_phase`` (not in the paper) ends an augmentor phase that has not reached ``l_max`` within
+that many iterations, saving its augmentor all the same: measured on Fashion-MNIST
+(benchmarks/hard_converged.md), an augmentor held back by the teacher-invariance term plateaued
+at 12.5 % disagreement against ℓmax 50 % for ~1,280 iterations, the student took no step, and
+early stopping ended the run after 5 switches.
+
 The switching metric is the disagreement on augmented batches in percent (``threshold=
 "absolute"``, the paper's reading), or that minus the disagreement the student already has on the
 same batch un-augmented (``"relative"``: what the augmentation adds), for a student that never
@@ -41,7 +47,7 @@ class HardTraining:
     def __init__(self, augmentor: Augmentor, *, mean: torch.Tensor, std: torch.Tensor, temperature: float,
                  lambda_s: float = 1.0, lambda_t: float = 1.0, weight: float = 1.0, l_min: float | None = None,
                  l_max: float | None = None, consecutive: int = 5, lr: float | None = None,
-                 threshold: str = "absolute") -> None:
+                 threshold: str = "absolute", max_phase: int | None = None) -> None:
         self.augmentor = augmentor
         self.frozen = copy.deepcopy(augmentor).requires_grad_(False)  # the pool member in use
         self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
@@ -49,6 +55,7 @@ class HardTraining:
         self.l_min = augmentor.l_min if l_min is None else l_min
         self.l_max = augmentor.l_max if l_max is None else l_max
         self.k = consecutive
+        self.max_phase = max_phase
         if threshold not in ("absolute", "relative"):
             raise ValueError(f"threshold must be absolute or relative, not {threshold!r}")
         self.relative = threshold == "relative"
@@ -56,6 +63,7 @@ class HardTraining:
         self.pool: list[dict[str, torch.Tensor]] = [self._snapshot()]
         self.phase = "student" if augmentor.phased else "joint"
         self.streak, self.iteration, self.switches = 0, 0, 0
+        self.phase_iterations, self.capped = 0, 0  # iterations in this augmentor phase; phases ended by the cap
         self.phase_log: list[list[Any]] = []  # [iteration, phase, disagreement %]
         self._picks = torch.Generator().manual_seed(0)
 
@@ -112,7 +120,11 @@ class HardTraining:
         student.train(was_training)
         disagreement = self.switch_metric(_disagreement(s_aug, t_aug), self._clean_disagreement(student, teacher, x))
         if self.phase == "augmentor":
+            self.phase_iterations += 1
             self._count(disagreement > self.l_max, to="student", disagreement=disagreement)
+            if self.phase == "augmentor" and self.max_phase and self.phase_iterations >= self.max_phase:
+                self.capped += 1
+                self._switch("student")
         return disagreement
 
     def student_term(self, student: nn.Module, teacher: nn.Module, x: torch.Tensor,
@@ -140,15 +152,19 @@ class HardTraining:
     def _count(self, beyond: bool, to: str, disagreement: float) -> None:
         self.streak = self.streak + 1 if beyond else 0
         if self.streak >= self.k:
-            if to == "student":
-                self.pool.append(self._snapshot())  # the augmentor that made the student fail
-            self.phase, self.streak = to, 0
-            self.switches += 1
+            self._switch(to)
+
+    def _switch(self, to: str) -> None:
+        if to == "student":
+            self.pool.append(self._snapshot())  # the augmentor that made the student fail (or tried longest)
+        self.phase, self.streak, self.phase_iterations = to, 0, 0
+        self.switches += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"augmentor": self.augmentor.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "pool": self.pool, "phase": self.phase, "streak": self.streak, "iteration": self.iteration,
-                "switches": self.switches, "phase_log": self.phase_log}
+                "switches": self.switches, "phase_log": self.phase_log, "phase_iterations": self.phase_iterations,
+                "capped": self.capped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.augmentor.load_state_dict(state["augmentor"])
@@ -157,3 +173,5 @@ class HardTraining:
         self.phase, self.streak = state["phase"], state["streak"]
         self.iteration, self.switches = state["iteration"], state["switches"]
         self.phase_log = [list(r) for r in state["phase_log"]]
+        # checkpoints written before the cap existed have neither: a phase starts counting anew
+        self.phase_iterations, self.capped = state.get("phase_iterations", 0), state.get("capped", 0)

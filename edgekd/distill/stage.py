@@ -440,7 +440,7 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         hard = HardTraining(augmentor,
                             mean=ctx.mean, std=ctx.std, temperature=recipe.distill.temperature, lambda_s=h.lambda_s,
                             lambda_t=h.lambda_t, weight=h.weight, l_min=h.l_min, l_max=h.l_max,
-                            consecutive=h.consecutive, lr=h.lr, threshold=h.threshold)
+                            consecutive=h.consecutive, lr=h.lr, threshold=h.threshold, max_phase=h.max_phase)
     s_hist = _fit(ctx, "student", student, scfg.arch, s_kwargs,
                   lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
                                       label_smoothing=recipe.train.label_smoothing),
@@ -468,6 +468,7 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     if hard is not None:
         s_section["hard"] = {"augmentor": recipe.distill.augment, "pool": len(hard.pool), "switches": hard.switches,
                              "l_min": hard.l_min, "l_max": hard.l_max, "consecutive": hard.k,
+                             "max_phase": hard.max_phase, "phases_ended_by_cap": hard.capped,
                              "switch_metric": "student-teacher top-1 disagreement on augmented batches, percent"
                              + (", less that on the same batch un-augmented" if hard.relative else ""),
                              "phase_log_columns": ["iteration", "phase", "disagreement"],
