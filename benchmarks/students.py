@@ -142,7 +142,9 @@ def render(cells: Cells, families: list[str], command: str) -> str:
             continue
         p50 = [[r[f"int8_p50_ms_{n}t"] for r in ok if f"int8_p50_ms_{n}t" in r] for n in (1, 2)]
         timed = " | ".join(f"{statistics.fmean(p):.3f}" if p else "" for p in p50)
-        lines.append(f"| {arch} | {ok[0]['method']} | {len(ok)} | {ok[0]['params']:,} | "
+        refused = [r for r in rows if "error" in r]  # a seed whose file the converter or runtime refused
+        seeds = f"{len(ok)} (+{len(refused)} refused: {refused[0]['error']})" if refused else f"{len(ok)}"
+        lines.append(f"| {arch} | {ok[0]['method']} | {seeds} | {ok[0]['params']:,} | "
                      f"{statistics.fmean(r['int8_bytes'] for r in ok) / 1024:,.0f} | "
                      f"{mean_std([r['int8_top1'] for r in ok])} | {mean_std([r['int8_drop'] for r in ok])} | "
                      f"{timed} | {ok[0]['converter']} |")

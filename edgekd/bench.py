@@ -259,7 +259,7 @@ def tome_auto_files(export_dir: Path) -> dict[str, dict[str, Any]]:
         if not name.endswith("_int8.tflite") or not (export_dir / name).is_file() or "val_top1" not in a:
             continue
         tome = a.get("tome") or (own if name == "student_int8.tflite" and own["r"] == 0 else None)
-        if tome is not None and tome.get("matcher") in ("exact", "none") or (tome and tome["r"] == 0):
+        if tome is not None and (tome["r"] == 0 or tome.get("matcher") == "exact"):
             found[name] = {"schedule": list(tome.get("schedule") or []), "val_top1": a["val_top1"]}
     base = [n for n, f in found.items() if not any(f["schedule"])]
     if not base or len(found) < 2:
