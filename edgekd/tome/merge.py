@@ -234,8 +234,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, class_token: bool = Tr
                 return torch.cat([a.gather(1, unm_idx.expand(-1, -1, c)), b], dim=1)
 
             return merge_gather
-        matrices = match_matrices(match_scores(metric, matcher, planes, form), r, class_token)
-    return merge_by_matrices(*matrices)
+        keep, into = match_matrices(match_scores(metric, matcher, planes, form), r, class_token)
+    return merge_by_matrices(keep, into)
 
 
 def matmul_constants(t_a: int, t_b: int, r: int, dtype: torch.dtype = torch.float32,
@@ -250,18 +250,15 @@ def matmul_constants(t_a: int, t_b: int, r: int, dtype: torch.dtype = torch.floa
     return {"protect": protect, "tie_b": tie_b, "tie_a": tie_a,
             "countdown_b": t_b - places_b,  # t_b, ..., 1: the lowest index scores highest
             "before": _positive(places[:, None] - places[None, :]),  # (i, j): j < i
-            "slots": torch.arange(t_a - r, device=device, dtype=dtype)[:, None],
-            "ranks": torch.arange(r, device=device, dtype=dtype)[:, None]}
+            "slots": torch.arange(t_a - r, device=device, dtype=dtype)[:, None]}
 
 
 def match_matrices(scores: torch.Tensor, r: int, class_token: bool = True,
-                   constants: dict[str, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The matmul form's matching from A × B scores, as three 0/1 matrices: ``keep`` (B, t_a − r,
-    t_a) picks the kept A tokens in their original order, ``pick`` (B, r, t_a) the r merged ones
-    (by rank) and ``dest`` (B, t_b, r) adds each of those to its B token. Every step is float
-    arithmetic on 0/1 tensors (the module's docstring says why); ties are broken towards the lower
-    index, as argmax and the reference's stable order do."""
+                   constants: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matmul form's matching from A × B scores: ``keep`` (B, t_a − r, t_a) picks the kept A
+    tokens in their original order, ``into`` (B, t_b, t_a) adds each merged A token to its B token.
+    Every step is float arithmetic on 0/1 tensors (the module's docstring says why); ties are
+    broken towards the lower index, as argmax and the reference's stable order do."""
     t_a, t_b = scores.shape[1], scores.shape[2]
     c = constants or matmul_constants(t_a, t_b, r, scores.dtype, scores.device)
     if class_token:
@@ -279,19 +276,14 @@ def match_matrices(scores: torch.Tensor, r: int, class_token: bool = True,
     kept = 1.0 - merged
     slot = torch.einsum("nj,ij->ni", kept, c["before"])  # place of each kept token among the kept
     keep = torch.relu(1.0 - (slot[:, None, :] - c["slots"]).abs()) * kept[:, None, :]
-    # ranks are whole numbers and the r best edges hold ranks 0 … r − 1, one each; going through the
-    # r merged tokens costs (r × t_a + t_b × r) · C multiply-adds per merge instead of t_b · t_a · C
-    pick = torch.relu(1.0 - (rank[:, None, :] - c["ranks"]).abs())
-    return keep, pick, torch.einsum("nij,nki->njk", best, pick)
+    return keep, (best * merged[..., None]).transpose(1, 2)
 
 
-def merge_by_matrices(keep: torch.Tensor, pick: torch.Tensor, dest: torch.Tensor) -> Merge:
-    """The merge of the matmul form: batched matmuls with the 0/1 matrices of ``match_matrices``."""
+def merge_by_matrices(keep: torch.Tensor, into: torch.Tensor) -> Merge:
+    """The merge of the matmul form: two batched matmuls with the 0/1 matrices of ``match_matrices``."""
     def merge(x: torch.Tensor) -> torch.Tensor:
         a, b = split_tokens(x)
-        merged = torch.einsum("nki,nic->nkc", pick, a)
-        return torch.cat([torch.einsum("nki,nic->nkc", keep, a), b + torch.einsum("njk,nkc->njc", dest, merged)],
-                         dim=1)
+        return torch.cat([torch.einsum("nki,nic->nkc", keep, a), b + torch.einsum("nji,nic->njc", into, a)], dim=1)
 
     return merge
 
@@ -319,7 +311,7 @@ class TokenMatch(torch.nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def forward(self, metric: torch.Tensor, class_token: bool, matcher: str,
-                planes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                planes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         constants = {name: buffer for name, buffer in self.named_buffers()}
         with contextlib.nullcontext() if exporting() else torch.no_grad():
             return match_matrices(match_scores(metric, matcher, planes, "matmul"), self.r, class_token, constants)
