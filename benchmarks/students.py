@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=None, help="student epochs; default: the recipe's")
     ap.add_argument("--runs", type=int, default=300, help="timed invokes per file and thread count")
     ap.add_argument("--no-timing", action="store_true", help="distil and export only")
+    ap.add_argument("--timing-only", action="store_true", help="time the files of the finished cells; distil nothing")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
     ap.add_argument("--out", default="benchmarks/students")
     args = ap.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "student.epochs": args.epochs, "teacher.checkpoint": args.teacher})
     cells = Cells(Path(f"{out}.json"))
     families = args.families.split(",")
-    for seed in range(args.seeds):
+    for seed in range(0 if args.timing_only else args.seeds):
         for arch in families:
             key = f"{arch}|seed={seed}"
             cells.refresh()  # another process may have finished it (one process per core may fill the table)
