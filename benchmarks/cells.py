@@ -41,10 +41,12 @@ class Cells:
         """Write the table with ``data`` set at its top level, keeping every cell that another
         process has written since this one read the file."""
         with self._locked(self.path.with_name(self.path.name + ".lock")):
-            if self.path.is_file():
+            if self.path.is_file():  # in place: callers hold references to ``data`` and ``cells``
                 on_disk = json.loads(self.path.read_text())
-                self.data = {**on_disk, **{k: v for k, v in self.data.items() if k != "cells"},
-                             "cells": {**on_disk.get("cells", {}), **self.cells}}
+                for key, cell in on_disk.pop("cells", {}).items():
+                    self.cells.setdefault(key, cell)
+                for key, value in on_disk.items():
+                    self.data.setdefault(key, value)
             self.data.update(data)
             write_json(self.path, self.data)
 

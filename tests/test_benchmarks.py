@@ -49,12 +49,14 @@ def test_two_processes_fill_one_table_without_losing_cells(tmp_path):
 
     path = tmp_path / "t.json"
     first, second = Cells(path), Cells(path)  # both read the (missing) file before either writes
+    held = first.data  # a caller's reference (methods.py renders from it) must see every later cell
     first.keep("a|seed=0", {"top1": 1.0})
     second.keep("b|seed=0", {"top1": 2.0})
     second.save(timing={"runs": 3})
     first.keep("c|seed=0", {"top1": 3.0})
     on_disk = json.loads(path.read_text())
     assert set(on_disk["cells"]) == {"a|seed=0", "b|seed=0", "c|seed=0"} and on_disk["timing"] == {"runs": 3}
+    assert held is first.data and set(held["cells"]) == set(on_disk["cells"])
     with first.claim(tmp_path / "runs" / "a") as mine, second.claim(tmp_path / "runs" / "a") as theirs:
         assert mine and not theirs
     with second.claim(tmp_path / "runs" / "a") as now_mine:
