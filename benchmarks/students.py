@@ -21,7 +21,6 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -31,7 +30,7 @@ from latency import litert_invoke, time_round_robin  # noqa: E402
 from edgekd.checkpoint import write_text  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
 from edgekd.export import export  # noqa: E402
-from edgekd.recipe import load_recipe  # noqa: E402
+from edgekd.recipe import Recipe, load_recipe  # noqa: E402
 
 FAMILIES = ["mobilenet_v2", "timm/mobilenetv3_small_100", "timm/mobilenetv3_large_100", "timm/efficientnet_lite0",
             "timm/mobilevitv2_050", "torchvision/mobilenet_v3_small", "torchvision/shufflenet_v2_x0_5",
@@ -49,7 +48,8 @@ def _row(run_dir: Path, metrics: dict, method: str) -> dict:
             "converter": int8["converter"], "val_top1": metrics["student"]["val_top1"]}
 
 
-def _distil_cell(cells: Cells, key: str, base: Any, arch: str, seed: int, runs: Path) -> None:
+def _distil_cell(cells: Cells, key: str, base: Recipe, arch: str, seed: int, runs: Path) -> None:
+    """Distil and export one family at one seed into ``cells`` (or record why it was refused)."""
     for method in ("atkd", "kd"):  # AT-KD where the student has feature maps to match
         recipe = base.model_copy(update={
             "seed": seed, "student": base.student.model_copy(update={"arch": arch}),

@@ -271,12 +271,13 @@ def tome_auto_files(export_dir: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def choose_tome(export_dir: Path, models: dict[str, Any], max_drop: float) -> dict[str, Any]:
-    """``--tome-sweep auto`` on one target: the fastest int8 ToMe schedule, by this target's p50,
-    within ``max_drop`` validation points of r = 0 that beats r = 0 (else r = 0); see edgekd.tome.auto."""
+def choose_tome(candidates: dict[str, dict[str, Any]], models: dict[str, Any], max_drop: float) -> dict[str, Any]:
+    """``--tome-sweep auto`` on one target: among ``candidates`` (``tome_auto_files``), the fastest
+    int8 ToMe schedule by this target's p50 (``models``: its bench results) within ``max_drop``
+    validation points of r = 0 that beats r = 0 (else r = 0); see edgekd.tome.auto."""
     from edgekd.tome.auto import choose_schedule
 
-    files = {n: f for n, f in tome_auto_files(export_dir).items() if n in models}
+    files = {n: f for n, f in candidates.items() if n in models}
     by_schedule = {tuple(f["schedule"]): n for n, f in files.items()}
     depth = len(next(iter(files.values()))["schedule"])
     choice = choose_schedule([list(s) for s in by_schedule if any(s)], depth,
@@ -400,8 +401,8 @@ def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] 
         raise EdgekdError(f"{export_dir}: no export.json; run 'edgekd export RUN --int8' first")
     if tome_sweep:
         models = tuple(dict.fromkeys(models + tome_models(export_dir, tome_sweep)))
-    if tome_auto:
-        models = tuple(dict.fromkeys(models + tuple(tome_auto_files(export_dir))))
+    auto_files = tome_auto_files(export_dir) if tome_auto else {}
+    models = tuple(dict.fromkeys(models + tuple(auto_files)))
     present = tuple(m for m in models if (export_dir / m).is_file())
     if not any(m.startswith("student") for m in present):
         raise EdgekdError(f"{export_dir}: none of {', '.join(models)} is there; run 'edgekd export RUN --int8'")
@@ -438,7 +439,7 @@ def bench(export_dir: str | Path, device: str = "local", hosts: tuple[str, ...] 
                           "bench failed on every host: " + "; ".join(errors.values()))
     report = _report(export_dir, profile, outcomes, errors, threads, runs, warmup, n_samples)
     if tome_auto:
-        report["tome_auto"] = {host: choose_tome(export_dir, models_run, tome_max_drop)
+        report["tome_auto"] = {host: choose_tome(auto_files, models_run, tome_max_drop)
                                for host, models_run in outcomes.items()}
     files = _write(export_dir, report)
     if errors:
