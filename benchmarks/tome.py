@@ -1,14 +1,16 @@
-"""What Token Merging (ToMe) and its hashing matcher buy on edgekd's small ViT student, on this CPU.
+"""What Token Merging (ToMe) and its hashing matchers buy on edgekd's ViT student, on this CPU.
 
     python benchmarks/tome.py                                 # the table in tome.md and tome.png
-    python benchmarks/tome.py --sweep 0,2,4,8 --bits 16 --threads 1,2
+    python benchmarks/tome.py --recipe recipes/fashion_mnist_vit.yaml --sweep 0,2,4,8   # 50 tokens
 
-One run: the ViT student of ``recipes/fashion_mnist_vit.yaml`` is distilled (kept in
-``tome_runs/vit``, resumed if killed), exported with ``edgekd export --tome-sweep`` for the exact
-and the LSH matcher, and every file is scored on the test set (``export.json``). Then for each r
-and matcher: host latency (batch 1, median of interleaved runs) in PyTorch eager, onnxruntime,
-LiteRT fp32 and LiteRT int8 at 1 and 2 threads; and the time of the matching step alone (exact
-cosine vs LSH codes) against the whole forward pass. The MobileNetV2 student and the teacher of
+One run: the ViT student of ``--recipe`` (default ``recipes/fashion_mnist_vit197.yaml``, DeiT-Ti's
+197 tokens) is distilled (kept in ``tome_runs/<recipe name>``, resumed if killed), exported with
+``edgekd export --tome-sweep`` for the exact and the LSH matcher, and every file is scored on the
+test set (``export.json``); the bucketed LSH matcher, which has no TFLite form, is scored in
+PyTorch and timed in PyTorch and onnxruntime. Then for each r and matcher: host latency (batch 1,
+median of interleaved runs) in PyTorch eager, onnxruntime, LiteRT fp32 and LiteRT int8 at 1 and 2
+threads; and the time of the matching step alone (exact cosine, LSH codes, bucketed) against the
+whole forward pass. The MobileNetV2 student and the teacher of
 the main job (``runs/quick``, made with ``edgekd run recipes/fashion_mnist_quick.yaml --out
 runs/quick`` if missing) and the ViT run's CNN teacher are the reference points.
 """
@@ -34,7 +36,8 @@ from edgekd.checkpoint import load_checkpoint, write_json, write_text  # noqa: E
 from edgekd.distill.stage import build_from_checkpoint, distill  # noqa: E402
 from edgekd.export import export  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
-from edgekd.tome import apply_tome, bipartite_soft_matching, merge_wavg  # noqa: E402
+from edgekd.tome import MATCHERS, apply_tome, bipartite_soft_matching, merge_wavg  # noqa: E402
+from edgekd.tome.merge import BUCKET_SIZE  # noqa: E402
 from edgekd.tome.patch import lsh_planes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +67,36 @@ def torch_invoke(model: torch.nn.Module, x: torch.Tensor):
     return call
 
 
+def torch_top1(model: torch.nn.Module, run_dir: Path) -> float:
+    """Test top-1 % of ``model`` in PyTorch on the test images that ``edgekd export`` scores."""
+    from edgekd.data import gather, load_dataset
+    from edgekd.recipe import recipe_from_dict
+    from edgekd.train import prepare_batch
+
+    ckpt = load_checkpoint(run_dir / "student_best.pt")
+    recipe = recipe_from_dict(ckpt["recipe"])
+    images, labels = gather(load_dataset(recipe.data, recipe.seed).test)
+    x = prepare_batch(images, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
+    with torch.inference_mode():
+        pred = torch.cat([model.eval()(b).argmax(1) for b in x.split(256)])
+    return 100.0 * float((pred == labels).float().mean())
+
+
+def distill_minutes(run_dir: Path) -> float:
+    """Wall minutes of the run's distillation (teacher and student epochs, from log.csv)."""
+    import csv
+
+    with open(run_dir / "log.csv", newline="") as f:
+        return sum(float(row["wall_s"]) for row in csv.DictReader(f)) / 60
+
+
 def matching_ms(tokens: int, dim: int, head_dim: int, r: int, bits: int, runs: int = 2000) -> dict[str, float]:
     """Median ms of one block's match + merge on batch 1 (keys of ``head_dim``, tokens of ``dim``)."""
     torch.manual_seed(0)
     metric, x = torch.randn(1, tokens, head_dim), torch.randn(1, tokens, dim)
     planes = lsh_planes(head_dim, bits)
     out = {}
-    for matcher in ("exact", "lsh"):
+    for matcher in MATCHERS:
         def step() -> None:
             with torch.inference_mode():
                 merge = bipartite_soft_matching(metric, r, True, matcher, planes)
@@ -126,9 +152,9 @@ def scaling(workdir: Path, runs: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", default=str(REPO / "recipes" / "fashion_mnist_vit.yaml"))
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "fashion_mnist_vit197.yaml"))
     ap.add_argument("--reference", default=str(REPO / "runs" / "quick"), help="MobileNetV2 run dir (main job)")
-    ap.add_argument("--sweep", default="0,2,4,8")
+    ap.add_argument("--sweep", default="0,8,16")
     ap.add_argument("--bits", type=int, default=16, help="LSH code bits")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=300)
@@ -137,7 +163,8 @@ def main() -> None:
     sweep = tuple(int(v) for v in args.sweep.split(","))
     out = Path(args.out)
     t_start = time.perf_counter()
-    run_dir = out.parent / f"{out.name}_runs" / "vit"
+    # tome_runs/vit (recipes/fashion_mnist_vit.yaml), tome_runs/vit197, ...
+    run_dir = out.parent / f"{out.name}_runs" / Path(args.recipe).stem.removeprefix("fashion_mnist_")
     ensure_run(Path(args.recipe), run_dir)
     report = ensure_export(run_dir, sweep, args.bits)
     ref = Path(args.reference)
@@ -157,14 +184,24 @@ def main() -> None:
     tokens = (ckpt["image_size"] // kw["patch_size"]) ** 2 + 1
     head_dim = kw["embed_dim"] // kw["num_heads"]
 
-    # rows: (label, r, matcher, artifact stem)
+    # rows: (label, r, matcher, artifact stem); the bucketed matcher has ONNX files only (its sort
+    # lowers to an int64 comparator TFLite refuses), written here and scored in PyTorch
     rows = []
     for r in sweep:
-        for m in ("exact", "lsh"):
-            if r == 0 and m == "lsh":
+        for m in MATCHERS:
+            if r == 0 and m != "exact":
                 continue
             stem = "student" if r == 0 else f"student-tome-r{r}-{m}"
             rows.append((f"ViT r={r}" + (f" {m}" if r else ""), r, m if r else "none", stem))
+    bucketed_top1 = {}
+    for label, r, m, stem in rows:
+        if m == "bucketed":
+            model = apply_tome(copy.deepcopy(vit), r, m, args.bits)
+            bucketed_top1[label] = torch_top1(model, run_dir)
+            if not (export_dir / f"{stem}.onnx").is_file():
+                from edgekd.export import export_onnx
+
+                export_onnx(model, x1, export_dir / f"{stem}.onnx")
     threads = [int(t) for t in args.threads.split(",")]
     latency: dict[str, dict[str, float]] = {}
     for th in threads:
@@ -176,8 +213,9 @@ def main() -> None:
                 apply_tome(model, r, m, args.bits)
             calls[f"{label}|torch"] = torch_invoke(model, x1)
             calls[f"{label}|ort"] = ort_invoke(export_dir / f"{stem}.onnx", th)
-            calls[f"{label}|fp32"] = litert_invoke(export_dir / f"{stem}_fp32.tflite", th)
-            calls[f"{label}|int8"] = litert_invoke(export_dir / f"{stem}_int8.tflite", th)
+            if m != "bucketed":
+                calls[f"{label}|fp32"] = litert_invoke(export_dir / f"{stem}_fp32.tflite", th)
+                calls[f"{label}|int8"] = litert_invoke(export_dir / f"{stem}_int8.tflite", th)
         calls["MobileNetV2 student|int8"] = litert_invoke(ref / "export" / "student_int8.tflite", th)
         calls["MobileNetV2 student|fp32"] = litert_invoke(ref / "export" / "student_fp32.tflite", th)
         calls["ResNet-18 teacher (main job)|fp32"] = litert_invoke(ref / "export" / "teacher_fp32.tflite", th)
@@ -189,6 +227,9 @@ def main() -> None:
     arts = report["artifacts"]
     top1 = {}
     for label, r, m, stem in rows:
+        if m == "bucketed":
+            top1[label] = {"torch": bucketed_top1[label]}
+            continue
         top1[label] = {"fp32": arts[f"{stem}_fp32.tflite"]["test_top1"],
                        "int8": arts[f"{stem}_int8.tflite"]["test_top1"], "torch": arts[f"{stem}.onnx"]["test_top1"]}
     ra = ref_report["artifacts"]
@@ -201,6 +242,10 @@ def main() -> None:
     match = {r: matching_ms(tokens, kw["embed_dim"], head_dim, r, args.bits) for r in sweep if r}
     scaled = scaling(run_dir, max(50, args.runs // 3))
     data = {"sweep": sweep, "bits": args.bits, "tokens": tokens, "depth": kw["depth"], "embed_dim": kw["embed_dim"],
+            "recipe": str(Path(args.recipe).resolve().relative_to(REPO)) if Path(args.recipe).resolve().is_relative_to(
+                REPO) else args.recipe, "run_dir": str(run_dir.relative_to(REPO)) if run_dir.is_relative_to(REPO)
+            else str(run_dir), "distill_min": distill_minutes(run_dir), "load_1m": os.getloadavg()[0],
+            "bucket_size": BUCKET_SIZE,
             "latency_ms": latency, "top1": top1, "matching_ms": {str(k): v for k, v in match.items()},
             "scaling": scaled,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
@@ -213,47 +258,61 @@ def main() -> None:
 
 def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int]) -> str:
     lat, top1 = data["latency_ms"], data["top1"]
-    cmd = f"python benchmarks/tome.py --sweep {args.sweep} --bits {args.bits} --threads {args.threads}"
+    cmd = f"python benchmarks/tome.py --recipe {data['recipe']} --sweep {args.sweep} --bits {args.bits} " \
+          f"--threads {args.threads}"
+    tokens = data["tokens"]
     lines = [
-        "# ToMe on a small ViT student: top-1 and host latency", "",
+        "# ToMe on a ViT student: top-1 and host latency", "",
         f"Made by `{cmd}` on {data['machine']} (no GPU, no Pi: host latency; `edgekd bench --device rpi4 "
-        f"--tome-sweep ...` measures a board). This run took {data['wall_s'] / 60:.0f} min; the distillation "
-        "and the export sweep it reuses from `tome_runs/vit` took 28 and ~20 min the first time.", "",
-        f"ViT student: `recipes/fashion_mnist_vit.yaml` (timm VisionTransformer, {data['depth']} blocks, width "
-        f"{data['embed_dim']}, {data['tokens']} tokens = 49 patches + class token), distilled with KD from a small "
+        f"--tome-sweep ...` measures a board). This run took {data['wall_s'] / 60:.0f} min (1-min load "
+        f"{data['load_1m']:.2f} at its end); the distillation it reuses from `{data['run_dir']}` took "
+        f"{data['distill_min']:.0f} min.", "",
+        f"ViT student: `{data['recipe']}` (timm VisionTransformer, {data['depth']} blocks, width "
+        f"{data['embed_dim']}, {tokens} tokens = {tokens - 1} patches + class token), distilled with KD from a small "
         f"CNN; top-1 on {data['test_images']} Fashion-MNIST test images. r = tokens merged per block "
-        f"(ToMe off the shelf: the student was trained without merging); LSH = {data['bits']}-bit "
-        "random-hyperplane codes of the keys. Latency: batch 1, median ms of interleaved runs.", "",
+        "(ToMe off the shelf: the student was trained without merging; later blocks clamped to half their tokens "
+        f"as the reference does); LSH = {data['bits']}-bit random-hyperplane codes of the keys; bucketed = cosine "
+        f"within chunks of {data.get('bucket_size', 32)} tokens of a hash-sorted order (ONNX only: no TFLite form; "
+        "its top-1 is PyTorch's). Latency: batch 1, median ms of interleaved runs.", "",
     ]
     head = "| model | top-1 fp32 % | top-1 int8 % |" + "".join(
         f" PyTorch {t}T | ORT {t}T | LiteRT fp32 {t}T | LiteRT int8 {t}T |" for t in threads)
     lines += [head, "|" + "---|" * (3 + 4 * len(threads))]
     fmt = lambda v: f"{v:.3f}" if v is not None else "–"  # noqa: E731
+    pct = lambda v: f"{v:.2f}" if v is not None else "–"  # noqa: E731
     for label, *_ in rows:
-        cells = [f"{top1[label]['fp32']:.2f}", f"{top1[label]['int8']:.2f}"]
+        t1 = top1[label]
+        cells = [pct(t1.get("fp32", t1.get("torch"))), pct(t1.get("int8"))]
         for t in threads:
-            cells += [fmt(lat[f"{label}|{rt}"][str(t)]) for rt in ("torch", "ort", "fp32", "int8")]
+            cells += [fmt(lat.get(f"{label}|{rt}", {}).get(str(t))) for rt in ("torch", "ort", "fp32", "int8")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for name in ("MobileNetV2 student", "ResNet-18 teacher (main job)", "CNN teacher (ViT run)"):
-        cells = [f"{top1[name]['fp32']:.2f}", f"{top1[name]['int8']:.2f}" if "int8" in top1[name] else "–"]
+        cells = [pct(top1[name]["fp32"]), pct(top1[name].get("int8"))]
         for t in threads:
             cells += ["–", "–", fmt(lat.get(f"{name}|fp32", {}).get(str(t))),
                       fmt(lat.get(f"{name}|int8", {}).get(str(t)))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    base = lat["ViT r=0|int8"][str(threads[0])]
-    lines += ["", f"Speed-up of LiteRT int8 at {threads[0]} thread over r = 0, and the matching step "
-              "(one block, batch 1, PyTorch, 1 thread; match = scores + argmax + top-k, merge = the "
-              "two 0/1 matmuls):", "",
-              "| r | matcher | LiteRT int8 speed-up | match ms | match + merge ms | match share of a PyTorch forward |",
-              "|---|---|---|---|---|---|"]
+    t0 = str(threads[0])
+
+    def speedup(label: str, rt: str) -> str:
+        ms = lat.get(f"{label}|{rt}", {}).get(t0)
+        return f"{lat[f'ViT r=0|{rt}'][t0] / ms:.2f}×" if ms else "–"
+
+    lines += ["", f"Speed-up over r = 0 at {threads[0]} thread, top-1 change, and the matching step (one block, "
+              "batch 1, PyTorch, 1 thread; match = scores + argmax + top-k, merge = the gathers):", "",
+              "| r | matcher | LiteRT int8 speed-up | ORT speed-up | PyTorch speed-up | Δ top-1 int8 (PyTorch for "
+              "bucketed), pt | match ms | match + merge ms | match share of a PyTorch forward |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for label, r, m, _ in rows:
         if not r:
             continue
         mm = data["matching_ms"][str(r)]
-        fwd = lat[f"{label}|torch"]["1"] if "1" in lat[f"{label}|torch"] else None
+        fwd = lat[f"{label}|torch"].get("1")
         share = f"{100 * data['depth'] * mm[m] / fwd:.1f} %" if fwd else "–"
-        lines.append(f"| {r} | {m} | {base / lat[f'{label}|int8'][str(threads[0])]:.2f}× | {mm[m]:.4f} | "
-                     f"{mm[m + '_with_merge']:.4f} | {share} |")
+        key = "int8" if m != "bucketed" else "torch"
+        ref = top1["ViT r=0"][key] if key in top1["ViT r=0"] else top1["ViT r=0"]["fp32"]
+        lines.append(f"| {r} | {m} | {speedup(label, 'int8')} | {speedup(label, 'ort')} | {speedup(label, 'torch')} | "
+                     f"{top1[label][key] - ref:+.2f} | {mm[m]:.4f} | {mm[m + '_with_merge']:.4f} | {share} |")
     lines += ["", "Where merging starts to pay: the same ViT family, larger and untrained (latency does not "
               "depend on the weights), exact ToMe at r = 0, half the largest uniform r and the largest; batch 1, "
               "1 thread, median ms:", "",
@@ -277,7 +336,7 @@ def plot(data: dict, rows: list, threads: int, path: Path) -> None:
 
     lat, top1 = data["latency_ms"], data["top1"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, marker in (("exact", "o"), ("lsh", "s")):
+    for m, marker in (("exact", "o"), ("lsh", "s")):  # bucketed has no LiteRT file
         for rt, style in (("fp32", "-"), ("int8", "--")):
             pts = [(lat[f"{label}|{rt}"][str(threads)], top1[label][rt], r) for label, r, mm, _ in rows
                    if mm in (m, "none")]
@@ -290,7 +349,7 @@ def plot(data: dict, rows: list, threads: int, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(f"LiteRT latency, ms (batch 1, {threads} thread, log scale)")
     ax.set_ylabel("test top-1 %")
-    ax.set_title("ToMe on a small ViT: accuracy vs latency")
+    ax.set_title(f"ToMe on a ViT of {data['tokens']} tokens: accuracy vs latency")
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -11,6 +11,7 @@ same rule as ``zoo.adapt_input_channels``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,5 +129,10 @@ def load_weights(model: nn.Module, path: str | Path, *, role: str, arch: str, ne
         else:
             raise EdgekdError(f"{role}.weights {path} does not fit {arch}: {k} is {tuple(w.shape)} in the file, "
                               f"{tuple(v.shape)} in the model; set {role}.arch (and its width) to the saved model's")
+    # a file carries no module versions (safetensors cannot; a stripped prefix drops them), and some
+    # modules refuse a state dict without one (torchvision MNASNet): the tensors fit this model, so
+    # they take its versions
+    sd = OrderedDict(sd)
+    sd._metadata = getattr(own, "_metadata", OrderedDict())  # type: ignore[attr-defined]
     model.load_state_dict(sd)
     return report
