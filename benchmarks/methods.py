@@ -208,19 +208,19 @@ def _train_teacher(base: Recipe, runs: Path, keep: Path, results: dict, json_pat
 def plan(methods: list[str], seeds: int, main_methods: list[str], main_seeds: int, default: Setting,
          sweep: bool, betas: list[float], sweep_seeds: int, cells: dict) -> list[tuple[Setting, int]]:
     """The order cells run in: what answers the question first (the main methods' first three
-    seeds), then the sweep, the other methods, the remaining seeds, and the chosen setting."""
+    seeds), then the sweep and the chosen setting's seeds (the default follows it), the other
+    methods, the remaining seeds."""
     first = min(seeds, main_seeds)
     order = [(replace(default, method=m), s) for s in range(first) for m in methods if m in main_methods]
     if sweep:
         order += [(p, 0) for p in sweep_points(default)]
+        chosen, _ = chosen_setting(cells, default)
+        if chosen is not None:
+            order += [(chosen, s) for s in range(main_seeds)]
     order += [(replace(default, method=m), s) for s in range(seeds) for m in methods if m not in main_methods]
     order += [(replace(default, method=m), s) for s in range(first, main_seeds) for m in methods if m in main_methods]
     order += [(replace(default, method=m, beta=b), s) for m in ("at", "atkd") if m in methods for b in betas
               if b != default.beta for s in range(sweep_seeds)]
-    if sweep:
-        chosen, _ = chosen_setting(cells, default)
-        if chosen is not None:
-            order += [(chosen, s) for s in range(main_seeds)]
     seen, unique = set(), []
     for item in order:
         if item not in seen:
