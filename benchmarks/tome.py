@@ -1,10 +1,10 @@
 """What Token Merging (ToMe) and its hashing matchers buy on edgekd's ViT student, on this CPU.
 
     python benchmarks/tome.py                                 # the table in tome.md and tome.png
-    python benchmarks/tome.py --recipe recipes/fashion_mnist_vit.yaml --sweep 0,2,4,8   # 50 tokens
+    python benchmarks/tome.py --recipe recipes/fashion_mnist_vit.yaml --sweep 0,2,4,8 --out benchmarks/tome_vit50
 
 One run: the ViT student of ``--recipe`` (default ``recipes/fashion_mnist_vit197.yaml``, DeiT-Ti's
-197 tokens) is distilled (kept in ``tome_runs/<recipe name>``, resumed if killed), exported with
+197 tokens) is distilled (kept in ``benchmarks/tome_runs/<recipe name>``, resumed if killed), exported with
 ``edgekd export --tome-sweep`` for the exact and the LSH matcher, and every file is scored on the
 test set (``export.json``); the bucketed LSH matcher, which has no TFLite form, is scored in
 PyTorch and timed in PyTorch and onnxruntime. Then for each r and matcher: host latency (batch 1,
@@ -164,7 +164,7 @@ def main() -> None:
     out = Path(args.out)
     t_start = time.perf_counter()
     # tome_runs/vit (recipes/fashion_mnist_vit.yaml), tome_runs/vit197, ...
-    run_dir = out.parent / f"{out.name}_runs" / Path(args.recipe).stem.removeprefix("fashion_mnist_")
+    run_dir = REPO / "benchmarks" / "tome_runs" / Path(args.recipe).stem.removeprefix("fashion_mnist_")
     ensure_run(Path(args.recipe), run_dir)
     report = ensure_export(run_dir, sweep, args.bits)
     ref = Path(args.reference)
@@ -251,15 +251,15 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "wall_s": time.perf_counter() - t_start, "test_images": arts["student.onnx"]["test_images"]}
     write_json(out.with_suffix(".json"), data)
-    write_text(out.with_suffix(".md"), render(data, rows, args, threads))
+    write_text(out.with_suffix(".md"), render(data, rows, args, threads, out.name))
     plot(data, rows, threads[0], out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
 
 
-def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int]) -> str:
+def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int], name: str = "tome") -> str:
     lat, top1 = data["latency_ms"], data["top1"]
     cmd = f"python benchmarks/tome.py --recipe {data['recipe']} --sweep {args.sweep} --bits {args.bits} " \
-          f"--threads {args.threads}"
+          f"--threads {args.threads}" + ("" if name == "tome" else f" --out benchmarks/{name}")
     tokens = data["tokens"]
     lines = [
         "# ToMe on a ViT student: top-1 and host latency", "",
@@ -322,7 +322,7 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int])
         lines.append(f"| {row['model']} | {row['tokens']} | {row['depth']} × {row['width']} | {row['r']} | "
                      f"{row['tokens_last']} | {row['torch_ms']:.3f} | {row['torch_speedup']:.2f}× | "
                      f"{row['ort_ms']:.3f} | {row['ort_speedup']:.2f}× |")
-    lines += ["", "![top-1 vs latency](tome.png)", ""]
+    lines += ["", f"![top-1 vs latency]({name}.png)", ""]
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """``--tome-r auto``: pick the ToMe schedule by *measured* latency on the target and validation top-1.
 
 Token merging can make a small model slower, not faster (every ToMe file of the 50-token student
-was, in benchmarks/tome.md; "Pruning One More Token is Enough", WACV 2025, reports 2-30 % slower
+was, in benchmarks/tome_vit50.md; "Pruning One More Token is Enough", WACV 2025, reports 2-30 % slower
 edge latency at small workloads). So the choice is measured, never assumed: r = 0 and a ladder of
 uniform r values (each clamped per block as the reference does) are timed on the target and scored
 on the validation split; among those within ``max_drop`` points of r = 0 on validation, the
