@@ -218,7 +218,8 @@ def main() -> None:
                 calls[f"{label}|int8"] = litert_invoke(export_dir / f"{stem}_int8.tflite", th)
         calls["MobileNetV2 student|int8"] = litert_invoke(ref / "export" / "student_int8.tflite", th)
         calls["MobileNetV2 student|fp32"] = litert_invoke(ref / "export" / "student_fp32.tflite", th)
-        calls["ResNet-18 teacher (main job)|fp32"] = litert_invoke(ref / "export" / "teacher_fp32.tflite", th)
+        if (ref / "export" / "teacher_fp32.tflite").is_file():  # a students.py run dir has no teacher file
+            calls["ResNet-18 teacher (main job)|fp32"] = litert_invoke(ref / "export" / "teacher_fp32.tflite", th)
         calls["CNN teacher (ViT run)|fp32"] = litert_invoke(export_dir / "teacher_fp32.tflite", th)
         print(f"timing {len(calls)} model/runtime pairs at {th} thread(s)...", flush=True)
         for k, v in time_round_robin(calls, runs=args.runs, warmup=20).items():
@@ -235,7 +236,8 @@ def main() -> None:
     ra = ref_report["artifacts"]
     top1["MobileNetV2 student"] = {"fp32": ra["student_fp32.tflite"]["test_top1"],
                                    "int8": ra["student_int8.tflite"]["test_top1"]}
-    top1["ResNet-18 teacher (main job)"] = {"fp32": ra["teacher_fp32.tflite"]["test_top1"]}
+    if "teacher_fp32.tflite" in ra:
+        top1["ResNet-18 teacher (main job)"] = {"fp32": ra["teacher_fp32.tflite"]["test_top1"]}
     top1["CNN teacher (ViT run)"] = {"fp32": arts["teacher_fp32.tflite"]["test_top1"]}
 
     torch.set_num_threads(1)
@@ -256,10 +258,10 @@ def main() -> None:
     print(out.with_suffix(".md").read_text())
 
 
-def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int], name: str = "tome") -> str:
+def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int], stem: str = "tome") -> str:
     lat, top1 = data["latency_ms"], data["top1"]
     cmd = f"python benchmarks/tome.py --recipe {data['recipe']} --sweep {args.sweep} --bits {args.bits} " \
-          f"--threads {args.threads}" + ("" if name == "tome" else f" --out benchmarks/{name}")
+          f"--threads {args.threads}" + ("" if stem == "tome" else f" --out benchmarks/{stem}")
     tokens = data["tokens"]
     lines = [
         "# ToMe on a ViT student: top-1 and host latency", "",
@@ -286,7 +288,8 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
         for t in threads:
             cells += [fmt(lat.get(f"{label}|{rt}", {}).get(str(t))) for rt in ("torch", "ort", "fp32", "int8")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for name in ("MobileNetV2 student", "ResNet-18 teacher (main job)", "CNN teacher (ViT run)"):
+    for name in (n for n in ("MobileNetV2 student", "ResNet-18 teacher (main job)", "CNN teacher (ViT run)")
+                 if n in top1):
         cells = [pct(top1[name]["fp32"]), pct(top1[name].get("int8"))]
         for t in threads:
             cells += ["–", "–", fmt(lat.get(f"{name}|fp32", {}).get(str(t))),
@@ -322,7 +325,7 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
         lines.append(f"| {row['model']} | {row['tokens']} | {row['depth']} × {row['width']} | {row['r']} | "
                      f"{row['tokens_last']} | {row['torch_ms']:.3f} | {row['torch_speedup']:.2f}× | "
                      f"{row['ort_ms']:.3f} | {row['ort_speedup']:.2f}× |")
-    lines += ["", f"![top-1 vs latency]({name}.png)", ""]
+    lines += ["", f"![top-1 vs latency]({stem}.png)", ""]
     return "\n".join(lines)
 
 
@@ -345,6 +348,8 @@ def plot(data: dict, rows: list, threads: int, path: Path) -> None:
                 ax.annotate(f"r={r}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for name, rt, marker in (("MobileNetV2 student", "int8", "^"), ("MobileNetV2 student", "fp32", "v"),
                              ("CNN teacher (ViT run)", "fp32", "D"), ("ResNet-18 teacher (main job)", "fp32", "*")):
+        if name not in top1:
+            continue
         ax.scatter([lat[f"{name}|{rt}"][str(threads)]], [top1[name][rt]], marker=marker, s=60, label=f"{name} {rt}")
     ax.set_xscale("log")
     ax.set_xlabel(f"LiteRT latency, ms (batch 1, {threads} thread, log scale)")

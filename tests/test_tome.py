@@ -164,6 +164,23 @@ def test_bucketed_matching_is_exact_matching_within_each_bucket() -> None:
     assert out.shape == (2, 181, 8) and torch.all(size.sum(dim=1) == 197)
 
 
+def test_bucketed_matching_merges_every_b_token_it_may_when_chunks_lack_b_tokens() -> None:
+    """A late block of a large r (DeiT-Ti's r = 16: 37 tokens, 18 in B, r = 16) merges A tokens whose
+    chunk holds no B token: their partner must still be a B token (it crashed with an index past B)."""
+    from edgekd.tome.merge import bucketed_best_match
+
+    torch.manual_seed(0)
+    for t in (37, 21, 9):
+        metric, x, planes = torch.randn(4, t, 16), torch.randn(4, t, 8), lsh_planes(16, 8)
+        best, partner = bucketed_best_match(metric, planes, bucket_size=4)
+        assert bool((best == -2.0).any())  # the case exists at these sizes
+        assert int(partner.max()) < t // 2 and int(partner.min()) >= 0
+        r = t // 2 - 1
+        out, size = merge_wavg(bipartite_soft_matching(metric, r, matcher="bucketed", planes=planes, bucket_size=4),
+                               x, None)
+        assert out.shape == (4, t - r, 8) and torch.all(size.sum(dim=1) == t)
+
+
 def test_r_is_clamped_per_block_as_the_reference_does_and_refused_only_past_the_first_block() -> None:
     assert check_r(4, 50, 4) == [4, 4, 4, 4]
     # 50 tokens: the first block merges 16 (at most 24); then 34 -> 16, 18 -> 8 (half of 17), 10 -> 4

@@ -150,9 +150,12 @@ def bucketed_best_match(metric: torch.Tensor, planes: torch.Tensor,
     best, column = scores.max(dim=-1)
     partner = order.view(n, -1, bucket_size).gather(2, column).view(n, -1)[:, :t]  # position of the B token
     unsort = order[:, :t].argsort(dim=-1)
-    best = best.view(n, -1)[:, :t].gather(1, unsort)
-    partner = partner.gather(1, unsort)
-    return best[:, ::2], partner[:, ::2] // 2
+    best = best.view(n, -1)[:, :t].gather(1, unsort)[:, ::2]
+    partner = partner.gather(1, unsort)[:, ::2] // 2
+    # an A token with no B token in its chunk (score −2) points at B token 0: its argmax column was
+    # an A token or padding, whose index may lie past the end of B; it merges last, and only when r
+    # exceeds the A tokens that have a partner (late blocks of a large r)
+    return best, torch.where(best > -1.5, partner, torch.zeros_like(partner))
 
 
 def _offsets(t_a: int, t_b: int, dtype: torch.dtype,
