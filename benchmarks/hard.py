@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> None:
              else tuple(v[1] for v in variants))
     order = [(seed, v) for seed in range(args.seeds) for v in variants if v[1] in first]
     order += [(seed, v) for seed in range(args.seeds) for v in variants if v[1] not in first]
-    rows: dict[str, list[dict]] = {"teacher (CNN)": []}
     teachers: dict[int, str] = {}
     mobile: dict[str, list[dict]] = {}
     # the deployable: in --converged, AT-KD (the main job's method) against AT-KD + hard-affine at
@@ -230,21 +229,15 @@ def main(argv: list[str] | None = None) -> None:
 
     cells.after = report  # the report is rewritten after every new cell
     for seed, (label, key, kw) in order:
-        if args.report_only:  # the finished cells only: nothing trains
-            if f"inv|teacher|{seed}" in cells.cells and seed not in teachers:
-                teachers[seed] = ""
-                rows["teacher (CNN)"].append({**cells.cells[f"inv|teacher|{seed}"], "seed": seed})
-            if f"inv|{key}|{seed}" in cells.cells:
-                rows.setdefault(label, []).append({**cells.cells[f"inv|{key}|{seed}"], "seed": seed})
+        if args.report_only:  # the finished cells only (report() reads them): nothing trains
             continue
         if seed not in teachers:
             t_dir = runs / f"inv_teacher_seed{seed}"
             teacher_recipe = base.model_copy(update={"seed": seed, "distill": base.distill.model_copy(
                 update={"method": "ce"}), "student": base.student.model_copy(update={"epochs": 1})})
-            row, teachers[seed] = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
-            rows["teacher (CNN)"].append({**row, "seed": seed})
-        rows.setdefault(label, []).append({**cells.run(f"inv|{key}|{seed}", _variant(base, seed, teachers[seed], **kw),
-                                                       runs / f"inv_{key}_seed{seed}", _student_row), "seed": seed})
+            _, teachers[seed] = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
+        cells.run(f"inv|{key}|{seed}", _variant(base, seed, teachers[seed], **kw), runs / f"inv_{key}_seed{seed}",
+                  _student_row)
 
     if not args.no_mobilenet and not args.report_only:
         for seed in range(args.seeds if args.mobilenet_seeds is None else args.mobilenet_seeds):

@@ -116,15 +116,15 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         _set_module(model, name, nn.Linear(head.in_features, num_classes, bias=head.bias is not None))
 
 
-def use_pytorch_defaults_for_mnasnet(model: nn.Module) -> None:
+def use_pytorch_defaults_for_mnasnet(model: nn.Module, reset_head: bool = True) -> None:
     """torchvision's MNASNet is set up for ImageNet's 1,000 classes and 350 epochs: its head is
     kaiming-uniform over fan_out = the class count, so with 10 classes the logits start near ±34 and
     the first loss at 13.7 (gradient norm ~1,800, measured; MobileNetV2: 2.3 and 11) and SGD at
     lr 0.1 never recovers; and its BatchNorm momentum is TensorFlow's 1 − 0.9997, so a few hundred
     steps leave the running statistics near their initial values and eval top-1 at chance (measured).
-    Both get PyTorch's defaults: nn.Linear's own init and momentum 0.1."""
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    last.reset_parameters()
+    Both get PyTorch's defaults: nn.Linear's own init (not over a pretrained head) and momentum 0.1."""
+    if reset_head:
+        [m for m in model.modules() if isinstance(m, nn.Linear)][-1].reset_parameters()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.1
@@ -152,7 +152,7 @@ def build_zoo_model(arch: str, num_classes: int, in_channels: int, image_size: i
                 model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
             adapt_input_channels(model, in_channels)
             if name.startswith("mnasnet"):
-                use_pytorch_defaults_for_mnasnet(model)
+                use_pytorch_defaults_for_mnasnet(model, reset_head=not pretrained)
     except EdgekdError:
         raise
     except Exception as e:  # noqa: BLE001 - a hub download offline, or a builder refusing its arguments
