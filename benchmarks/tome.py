@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -67,8 +68,9 @@ def torch_invoke(model: torch.nn.Module, x: torch.Tensor):
     return call
 
 
-def torch_top1(model: torch.nn.Module, run_dir: Path) -> float:
-    """Test top-1 % of ``model`` in PyTorch on the test images that ``edgekd export`` scores."""
+@functools.lru_cache(maxsize=None)
+def test_set(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's test images (normalised) and labels, as ``edgekd export`` scores them; read once."""
     from edgekd.data import gather, load_dataset
     from edgekd.recipe import recipe_from_dict
     from edgekd.train import prepare_batch
@@ -76,7 +78,12 @@ def torch_top1(model: torch.nn.Module, run_dir: Path) -> float:
     ckpt = load_checkpoint(run_dir / "student_best.pt")
     recipe = recipe_from_dict(ckpt["recipe"])
     images, labels = gather(load_dataset(recipe.data, recipe.seed).test)
-    x = prepare_batch(images, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
+    return prepare_batch(images, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])), labels
+
+
+def torch_top1(model: torch.nn.Module, run_dir: Path) -> float:
+    """Test top-1 % of ``model`` in PyTorch on the test images that ``edgekd export`` scores."""
+    x, labels = test_set(run_dir)
     with torch.inference_mode():
         pred = torch.cat([model.eval()(b).argmax(1) for b in x.split(256)])
     return 100.0 * float((pred == labels).float().mean())
