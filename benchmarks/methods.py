@@ -30,7 +30,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -275,8 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"({base.data.val_fraction:.0%} held out for validation), {base.data.test_subset or 'all'} "
                           f"test images at {base.data.image_size} px; student {base.student.arch} "
                           f"×{base.student.width_mult}, {base.student.epochs} epochs; teacher {base.teacher.arch} "
-                          f"width {base.teacher.width}, {base.teacher.epochs} epochs; T={base.distill.temperature}, "
-                          f"α={base.distill.alpha}, default β={base.distill.beta:g}.")
+                          f"width {base.teacher.width}, {base.teacher.epochs} epochs")
     teacher_ckpt = _train_teacher(base, runs, Path(f"{out}_teacher.pt"), results, json_path)
     teacher_sha = results["teacher"]["sha256"]
     for key, c in table.cells.items():
@@ -285,6 +284,14 @@ def main(argv: list[str] | None = None) -> None:
                              "with --out")
     d = base.distill
     default = Setting(d.method, d.alpha, d.temperature, d.beta, d.warmup_epochs)
+    if "default_setting" in results:
+        # cells are keyed relative to the setting the table started with: a recipe whose defaults
+        # moved since (the quick recipe took the warm-up this table chose) keeps the table's keys
+        default = Setting(**results["default_setting"])
+    else:
+        table.save(default_setting=asdict(default))
+    results["setting"] += (f"; T={default.temperature:g}, α={default.alpha:g}, default β={default.beta:g}, "
+                           f"warm-up {default.warmup_epochs:g} epochs unless the row says otherwise.")
     methods = args.methods.split(",")
     main_seeds = args.seeds if args.main_seeds is None else args.main_seeds
     betas = [float(b) for b in args.betas.split(",") if b]

@@ -182,17 +182,19 @@ def calibrate_int8(model: nn.Module, sample: torch.Tensor, calib: torch.Tensor) 
     """PT2E static quantisation: per-channel symmetric int8 weights, int8 activations
     observed with histograms over the calibration images (fed one at a time: batch 1 graph).
     ToMe's matching (``TokenMatch``) stays float: its step functions and ranks are exact only in
-    float; the merge's 0/1 matrices, exact in int8, are quantised like any matmul operand."""
+    float; so does its size-weighted merge (``TokenMerge``): one int8 scale cannot hold tokens
+    of mass 1 and of mass 70 (see its docstring)."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from edgekd.tome.merge import TokenMatch
+    from edgekd.tome.merge import TokenMatch, TokenMerge
 
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     # torch.export records a module's type in nn_module_stack as the class or, in this torch, as its
     # dotted name; the quantizer's filter compares with ``in``, so both are given
-    for module_type in (TokenMatch, f"{TokenMatch.__module__}.{TokenMatch.__qualname__}"):
-        quantizer.set_module_type(module_type, None)
+    for float_module in (TokenMatch, TokenMerge):
+        for module_type in (float_module, f"{float_module.__module__}.{float_module.__qualname__}"):
+            quantizer.set_module_type(module_type, None)
     graph = torch.export.export(model, (sample,)).module()
     graph = prepare_pt2e(graph, quantizer)
     with torch.no_grad():

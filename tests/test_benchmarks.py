@@ -24,6 +24,15 @@ def test_methods_table_is_resumable(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0 and "seed=" not in again.stdout.split("# Distillation")[0]  # nothing rerun
     assert json.loads((tmp_path / "methods.json").read_text())["cells"] == cells
+    # the recipe's default moves (as the quick recipe's warm-up did): the table keeps its own keys
+    import yaml
+
+    recipe = yaml.safe_load((REPO / "recipes" / "fashion_mnist_quick.yaml").read_text())
+    recipe["distill"]["warmup_epochs"] = 1.0 - recipe["distill"].get("warmup_epochs", 0.0)
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(recipe))
+    moved = subprocess.run(cmd + ["--recipe", str(tmp_path / "moved.yaml")], capture_output=True, text=True, cwd=REPO)
+    assert moved.returncode == 0 and "seed=" not in moved.stdout.split("# Distillation")[0], moved.stderr[-3000:]
+    assert json.loads((tmp_path / "methods.json").read_text())["cells"] == cells
 
 
 def test_paired_difference_and_t_interval_by_hand():

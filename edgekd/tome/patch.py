@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgekd.errors import EdgekdError
-from edgekd.tome.merge import (BUCKET_SIZE, MATCHERS, TokenMatch, bipartite_soft_matching, default_form, exporting,
-                               merge_by_matrices, merge_wavg, tokens_after)
+from edgekd.tome.merge import (BUCKET_SIZE, MATCHERS, TokenMatch, TokenMerge, bipartite_soft_matching, default_form,
+                               exporting, merge_wavg, tokens_after)
 
 
 def _vit_classes() -> tuple[type, type, type]:
@@ -63,13 +63,14 @@ def _tome_classes() -> tuple[type, type, type]:
             x = x + self.drop_path1(self.ls1(x_attn))
             if r > 0:
                 if default_form() == "matmul" and self.token_match is not None:
-                    # exported for TFLite: the matching in its own module
-                    merge = merge_by_matrices(*self.token_match(metric, info["class_token"], info["matcher"],
-                                                                info["planes"]))
+                    # exported for TFLite: the matching and the merge in modules of their own, which
+                    # int8 export keeps in float
+                    keep, into = self.token_match(metric, info["class_token"], info["matcher"], info["planes"])
+                    x, size = self.token_merge(keep, into, x, size)
                 else:
                     merge = bipartite_soft_matching(metric, r, info["class_token"], info["matcher"], info["planes"],
                                                     bucket_size=info["bucket_size"])
-                x, size = merge_wavg(merge, x, size)
+                    x, size = merge_wavg(merge, x, size)
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), size
 
     class ToMeVisionTransformer(VisionTransformer):
@@ -156,6 +157,7 @@ def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact",
         block._tome_index, block._tome_info = i, model._tome_info
         # the matmul form's matching for TFLite (bucketed sorts, so it keeps the gather form)
         block.token_match = TokenMatch(counts[i], schedule[i]) if schedule[i] and matcher != "bucketed" else None
+        block.token_merge = TokenMerge()
         block.attn.__class__ = ToMeAttention
     return model
 
