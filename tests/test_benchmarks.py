@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 
+import yaml
+
 from conftest import REPO
 
 
@@ -25,8 +27,6 @@ def test_methods_table_is_resumable(tmp_path):
     assert again.returncode == 0 and "seed=" not in again.stdout.split("# Distillation")[0]  # nothing rerun
     assert json.loads((tmp_path / "methods.json").read_text())["cells"] == cells
     # the recipe's default moves (as the quick recipe's warm-up did): the table keeps its own keys
-    import yaml
-
     recipe = yaml.safe_load((REPO / "recipes" / "fashion_mnist_quick.yaml").read_text())
     recipe["distill"]["warmup_epochs"] = 1.0 - recipe["distill"].get("warmup_epochs", 0.0)
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(recipe))
