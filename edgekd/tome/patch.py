@@ -157,7 +157,7 @@ def apply_tome(model: nn.Module, r: int | list[int] = 0, matcher: str = "exact",
         block._tome_index, block._tome_info = i, model._tome_info
         # the matmul form's matching for TFLite (bucketed sorts, so it keeps the gather form)
         block.token_match = TokenMatch(counts[i], schedule[i]) if schedule[i] and matcher != "bucketed" else None
-        block.token_merge = TokenMerge()
+        block.token_merge = TokenMerge() if block.token_match is not None else None
         block.attn.__class__ = ToMeAttention
     return model
 
