@@ -2,6 +2,7 @@
 
     python benchmarks/tome_profile.py              # tome_profile.md / .json (run it on a quiet machine)
     python benchmarks/tome_profile.py --exported   # + the exported files at 197 tokens (~8 min more)
+    python benchmarks/tome_profile.py --ceiling benchmarks/tome_runs/vit197   # + what merging costs in LiteRT int8
 
 Untrained ViTs (latency does not depend on the weights), batch 1, 1 thread, every call timed in one
 interleaved round robin so a noisy neighbour hits all alike. For each shape and token count:
@@ -154,6 +155,103 @@ def profile_exported(export_dir: Path, sweep: tuple[int, ...], runs: int) -> lis
     return rows
 
 
+class _FixedMatch(torch.nn.Module):
+    """A block's matching replaced by the matrices it produced for one image: the merge's cost alone."""
+
+    def __init__(self, matrices: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
+        for i, m in enumerate(matrices):
+            self.register_buffer(f"m{i}", m, persistent=False)
+
+    def forward(self, *_: object) -> tuple[torch.Tensor, ...]:
+        return tuple(b for _, b in self.named_buffers())
+
+
+class _KeepFirst(torch.nn.Module):
+    """In place of the merge: keep the first t − r tokens. ToMe's token counts at no cost at all,
+    the ceiling of what any matching and merge could reach."""
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def forward(self, *args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, size = args[-2], args[-1]
+        t = x.shape[1] - self.r
+        return x[:, :t], torch.ones_like(x[:, :t, :1]) if size is None else size[:, :t]
+
+
+def merge_ceiling(run_dir: Path, sweep: tuple[int, ...], runs: int) -> dict:
+    """LiteRT int8 files of a ViT student, 1 thread, interleaved: r = 0 and, for each r of the sweep,
+    ToMe as exported, ToMe with fixed matrices in place of the matching (what the merge costs) and
+    with the first t − r tokens kept in place of matching and merge (what the token counts alone give)."""
+    import numpy as np
+    from latency import litert_invoke
+
+    import edgekd.tome.patch as tome_patch
+    from edgekd.checkpoint import load_checkpoint
+    from edgekd.distill.stage import build_from_checkpoint
+    from edgekd.export import export_tflite_int8
+
+    ckpt = load_checkpoint(run_dir / "student_best.pt")
+    samples = np.load(run_dir / "export" / "samples.npz")
+    mean, std = torch.tensor(ckpt["mean"]).view(1, -1, 1, 1), torch.tensor(ckpt["std"]).view(1, -1, 1, 1)
+    images = (torch.from_numpy(samples["images"][:101]).float() / 255 - mean) / std
+    work = run_dir / "ceiling"
+    work.mkdir(exist_ok=True)
+    files = {"r=0": run_dir / "export" / "student_int8.tflite"}
+    for r in (v for v in sweep if v):
+        files[f"r={r}"] = run_dir / "export" / f"student-tome-r{r}-exact_int8.tflite"
+        for variant in ("fixed matching", "no merge"):
+            path = work / f"r{r}-{variant.replace(' ', '-')}_int8.tflite"
+            files[f"r={r} {variant}"] = path
+            if path.is_file():
+                continue
+            model = apply_tome(build_from_checkpoint(ckpt, run_dir / "student_best.pt").eval(), r)
+            matrices: dict[int, tuple[torch.Tensor, ...]] = {}
+            hooks = [b.token_match.register_forward_hook(
+                lambda _m, _a, out, i=i: matrices.__setitem__(i, tuple(o.detach() for o in out)))
+                for i, b in enumerate(model.blocks) if b.token_match is not None]
+            form = tome_patch.default_form
+            tome_patch.default_form = lambda *_: "matmul"  # the exported form, run once to record its matrices
+            try:
+                with torch.no_grad():
+                    model(images[:1])
+            finally:
+                tome_patch.default_form = form
+            for h in hooks:
+                h.remove()
+            for i, block in enumerate(model.blocks):
+                if block.token_match is None:
+                    continue
+                if variant == "fixed matching":
+                    block.token_match = _FixedMatch(matrices[i])
+                else:
+                    block.token_match, block.token_merge = _FixedMatch(()), _KeepFirst(model._tome_info["r"][i])
+            export_tflite_int8(model, images[:1], images[1:], path)
+    load_before = os.getloadavg()[0]
+    ms = time_round_robin({k: litert_invoke(p, 1) for k, p in files.items()}, runs=runs, warmup=10)
+    return {"run_dir": str(run_dir), "ms": ms, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def render_ceiling(c: dict) -> list[str]:
+    ms = c["ms"]
+    lines = ["## What merging costs in LiteRT int8, and the most it could give", "",
+             f"`python benchmarks/tome_profile.py --ceiling {c['run_dir']}` — the student's int8 files, LiteRT with "
+             f"XNNPACK, 1 thread, interleaved; load average {c['load_before']:.2f} before, {c['load_after']:.2f} "
+             "after. *Fixed matching*: each block's matching replaced by the 0/1 matrices it produced for one image "
+             "(the merge is still done). *No merge*: each block keeps its first t − r tokens: ToMe's token counts "
+             "at no cost, the ceiling any matching and merge could reach.", "",
+             "| r | as exported ms (vs r=0) | fixed matching ms (vs r=0) | no merge ms (vs r=0) | matching costs ms "
+             "| merge costs ms |", "|---:|---:|---:|---:|---:|---:|"]
+    rs = sorted({int(k.split()[0][2:]) for k in ms if k != "r=0"})
+    for r in rs:
+        full, fixed, free = ms[f"r={r}"], ms[f"r={r} fixed matching"], ms[f"r={r} no merge"]
+        lines.append(f"| {r} | {full:.2f} ({ms['r=0'] / full:.2f}×) | {fixed:.2f} ({ms['r=0'] / fixed:.2f}×) | "
+                     f"{free:.2f} ({ms['r=0'] / free:.2f}×) | {full - fixed:.2f} | {fixed - free:.2f} |")
+    return lines + ["", f"r = 0: {ms['r=0']:.2f} ms.", ""]
+
+
 def render_exported(rows: list[dict]) -> list[str]:
     base = rows[0]
     lines = ["## The exported files at 197 tokens", "",
@@ -215,6 +313,8 @@ def render(rows: list[dict], meta: dict) -> str:
         lines.append("")
     if meta.get("exported"):
         lines += render_exported(meta["exported"])
+    if meta.get("ceiling"):
+        lines += render_ceiling(meta["ceiling"])
     return "\n".join(lines)
 
 
@@ -226,21 +326,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exported", action="store_true", help="also distil a 197-token ViT for one epoch, export "
                     "it at --sweep and profile the files (LiteRT op census, onnxruntime per-op times)")
     ap.add_argument("--sweep", default="0,8,16")
+    ap.add_argument("--ceiling", type=Path, default=None, metavar="RUN_DIR",
+                    help="a ViT run exported with --int8 --tome-sweep: time its int8 files beside the same "
+                    "student with fixed matching and with no merge at all (converts 2 files per r)")
     ap.add_argument("--out", default="benchmarks/tome_profile")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     load_before = os.getloadavg()[0]
     rows = []
-    for i in (int(v) for v in args.shapes.split(",")):
+    for i in (int(v) for v in args.shapes.split(",") if v):  # --shapes "": keep the eager rows of an earlier run
         rows.append(profile_shape(*SHAPES[i], runs=args.runs, bits=args.bits))
         print(f"{SHAPES[i][0]}: {rows[-1]['ms']}", flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
     meta = {"runs": args.runs, "load_before": load_before, "load_after": os.getloadavg()[0], "cpu": cpu,
             "bits": args.bits}
-    previous = Path(f"{args.out}.json")
-    if not args.exported and previous.is_file():  # keep the exported files' section of an earlier --exported run
-        meta["exported"] = json.loads(previous.read_text())["meta"].get("exported")
+    previous_path = Path(f"{args.out}.json")
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else None
+    if previous and not rows:
+        rows, meta = previous["rows"], previous["meta"]
+    if previous:  # keep the sections of earlier --exported / --ceiling runs not redone now
+        for key in ("exported", "ceiling"):
+            meta[key] = previous["meta"].get(key)
+    if args.ceiling:
+        meta["ceiling"] = merge_ceiling(args.ceiling, tuple(int(v) for v in args.sweep.split(",")), args.runs * 2)
     if args.exported:
         sweep = tuple(int(v) for v in args.sweep.split(","))
         meta["exported"] = profile_exported(exported_files(Path(f"{args.out}_runs"), sweep), sweep, args.runs * 4)
