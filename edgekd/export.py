@@ -646,7 +646,8 @@ def _convert(role: str, model: nn.Module, sample: torch.Tensor, calib_x: torch.T
             _check_loads(files[v], f"{role}_{v}.tflite")
             made[f"{role}_{v}.tflite"] = (files[v], f"tflite_{v}", seconds)
         return made
-    fp32 = timed(f"{role}_fp32.tflite", "tflite_fp32", lambda p: export_tflite_fp32(model, sample, p))
+    if {"fp32", "fp16", "dynamic"} & set(tflite):  # fp16 and dynamic are made from the fp32 file
+        fp32 = timed(f"{role}_fp32.tflite", "tflite_fp32", lambda p: export_tflite_fp32(model, sample, p))
     if "int8" in tflite:
         assert calib_x is not None
         timed(f"{role}_int8.tflite", "tflite_int8", lambda p: export_tflite_int8(model, sample, calib_x, p))
@@ -654,7 +655,7 @@ def _convert(role: str, model: nn.Module, sample: torch.Tensor, calib_x: torch.T
         if v in tflite:
             timed(f"{role}_{v}.tflite", f"tflite_{v}", lambda p, k=v: quantize_weights(fp32, p, k))
     if "fp32" not in tflite:
-        del made[f"{role}_fp32.tflite"]
+        made.pop(f"{role}_fp32.tflite", None)
     return made
 
 
