@@ -193,6 +193,11 @@ def merge_ceiling(run_dir: Path, sweep: tuple[int, ...], runs: int) -> dict:
     from edgekd.distill.stage import build_from_checkpoint
     from edgekd.export import export_tflite_int8
 
+    missing = [p for p in [run_dir / "student_best.pt", run_dir / "export" / "student_int8.tflite"] + [
+        run_dir / "export" / f"student-tome-r{r}-exact_int8.tflite" for r in sweep if r] if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--ceiling needs a distilled ViT run exported with 'edgekd export {run_dir} --int8 "
+                         f"--tome-sweep {','.join(map(str, sweep))}': {missing[0]} is missing")
     ckpt = load_checkpoint(run_dir / "student_best.pt")
     samples = np.load(run_dir / "export" / "samples.npz")
     mean, std = torch.tensor(ckpt["mean"]).view(1, -1, 1, 1), torch.tensor(ckpt["std"]).view(1, -1, 1, 1)

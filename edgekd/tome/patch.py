@@ -34,7 +34,7 @@ def _tome_classes() -> tuple[type, type, type]:
             B, N, _ = x.shape
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
             # the matching metric: the keys averaged over heads, taken before the permute below (a
-            # mean over the permuted heads' axis was 9 % of a merging block in eager at batch 8)
+            # mean over the permuted heads' axis took 0.36 ms of a ~9 ms merging block in eager at batch 8)
             metric = qkv[:, :, 1].mean(2) if isinstance(self.k_norm, nn.Identity) else None
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
