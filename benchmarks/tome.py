@@ -119,6 +119,19 @@ def matching_ms(tokens: int, dim: int, head_dim: int, r: int, bits: int, runs: i
     return out
 
 
+def eager_throughput(vit: torch.nn.Module, images: torch.Tensor, sweep: tuple[int, ...], runs: int) -> dict[str, float]:
+    """Images per second of PyTorch eager (1 thread) at r in ``sweep`` (exact matcher) on one batch, interleaved:
+    ToMe's own measure (its paper reports throughput at batch 256); batch 1 is the latency table's."""
+    calls = {}
+    for r in sweep:
+        model = copy.deepcopy(vit)
+        if r:
+            apply_tome(model, r, "exact")
+        calls[str(r)] = torch_invoke(model, images)
+    print(f"timing PyTorch eager at batch {len(images)}...", flush=True)
+    return {r: 1000 * len(images) / ms for r, ms in time_round_robin(calls, runs=runs, warmup=3).items()}
+
+
 # Where would merging pay? Larger ViTs of the same family, untrained (latency does not depend on
 # the weights), timed at r = 0, half the largest uniform r and the largest: (label, px, patch, width, depth).
 SCALING = (("edgekd student size, 28 px / 4", 28, 4, 64, 4), ("ViT-Ti width, 32 px / 4", 32, 4, 192, 12),
@@ -165,6 +178,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=16, help="LSH code bits")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--batches", default="8,32", help="batch sizes of the PyTorch eager throughput table ('' for none)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "tome"))
     args = ap.parse_args()
     sweep = tuple(int(v) for v in args.sweep.split(","))
@@ -248,6 +262,9 @@ def main() -> None:
     top1["CNN teacher (ViT run)"] = {"fp32": arts["teacher_fp32.tflite"]["test_top1"]}
 
     torch.set_num_threads(1)
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    images = torch.from_numpy((samples["images"].astype(np.float32) / 255 - mean) / std)
+    throughput = {str(b): eager_throughput(vit, images[:b], sweep, max(10, args.runs // b)) for b in batches}
     match = {r: matching_ms(tokens, kw["embed_dim"], head_dim, r, args.bits) for r in sweep if r}
     scaled = scaling(run_dir, max(50, args.runs // 3))
     data = {"sweep": sweep, "bits": args.bits, "tokens": tokens, "depth": kw["depth"], "embed_dim": kw["embed_dim"],
@@ -256,7 +273,7 @@ def main() -> None:
             else str(run_dir), "distill_min": distill_minutes(run_dir), "load_1m": os.getloadavg()[0],
             "bucket_size": BUCKET_SIZE,
             "latency_ms": latency, "top1": top1, "matching_ms": {str(k): v for k, v in match.items()},
-            "scaling": scaled,
+            "scaling": scaled, "eager_img_s": throughput,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}".strip(", "),
             "wall_s": time.perf_counter() - t_start, "test_images": arts["student.onnx"]["test_images"]}
     write_json(out.with_suffix(".json"), data)
@@ -309,7 +326,7 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
         return f"{lat[f'ViT r=0|{rt}'][t0] / ms:.2f}×" if ms else "–"
 
     lines += ["", f"Speed-up over r = 0 at {threads[0]} thread, top-1 change, and the matching step (one block, "
-              "batch 1, PyTorch, 1 thread; match = scores + argmax + top-k, merge = the gathers):", "",
+              "batch 1, PyTorch, 1 thread; match = scores + argmax + sort, merge = the row selects and adds):", "",
               "| r | matcher | LiteRT int8 speed-up | ORT speed-up | PyTorch speed-up | Δ top-1 int8 (PyTorch for "
               "bucketed), pt | match ms | match + merge ms | match share of a PyTorch forward |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -323,6 +340,14 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
         ref = top1["ViT r=0"][key] if key in top1["ViT r=0"] else top1["ViT r=0"]["fp32"]
         lines.append(f"| {r} | {m} | {speedup(label, 'int8')} | {speedup(label, 'ort')} | {speedup(label, 'torch')} | "
                      f"{top1[label][key] - ref:+.2f} | {mm[m]:.4f} | {mm[m + '_with_merge']:.4f} | {share} |")
+    if data.get("eager_img_s"):
+        sweep = list(next(iter(data["eager_img_s"].values())))
+        lines += ["", "PyTorch eager throughput, images/s (1 thread, exact matcher, one batch of test images "
+                  "timed over and over, interleaved), and the speed-up over r = 0:", "",
+                  "| batch | " + " | ".join(f"r = {r}" for r in sweep) + " |", "|---|" + "---|" * len(sweep)]
+        for b, per_r in data["eager_img_s"].items():
+            lines.append(f"| {b} | " + " | ".join(
+                f"{v:.0f}" + ("" if r == sweep[0] else f" ({v / per_r[sweep[0]]:.2f}×)") for r, v in per_r.items()) + " |")
     lines += ["", "Where merging starts to pay: the same ViT family, larger and untrained (latency does not "
               "depend on the weights), exact ToMe at r = 0, half the largest uniform r and the largest; batch 1, "
               "1 thread, median ms:", "",
