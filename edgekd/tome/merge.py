@@ -4,8 +4,8 @@ Two forms of the same merge. The gather form picks the r merged and the kept tok
 fixed-size index tensors (a ``topk`` of r, and a ``topk`` of the kept indices in place of a sort,
 which TFLite lacks) and adds the merged tokens into their destinations, in PyTorch as rows of
 one matrix with ``index_select`` and ``index_add_`` (``merge_rows``), while exporting with a
-(t_b × r) 0/1 matrix (a scatter does not convert). The matmul form is written for LiteRT's XNNPACK delegate: every step is float arithmetic that XNNPACK runs
-(step functions from ReLU and Ceil, ranks as sums of pairwise comparisons, 0/1 matrices applied with
+(t_b × r) 0/1 matrix (a scatter does not convert). The matmul form is written for LiteRT's
+XNNPACK delegate: every step is float arithmetic that XNNPACK runs (step functions from ReLU and Ceil, ranks as sums of pairwise comparisons, 0/1 matrices applied with
 batched matmuls), with no ArgMax, TopK, Select, CumSum, L2Normalization, strided slice or
 dynamic-weight FullyConnected, each of which XNNPACK refuses and which split the graph into one
 delegate partition per merging block (``benchmarks/tome_profile.py``: op census). Both equal the reference's
@@ -253,8 +253,8 @@ def merge_rows(t: int, src_idx: torch.Tensor, unm_idx: torch.Tensor, dst_idx: to
     picked with one ``index_select`` (kept A tokens, then B) and the merged ones added into theirs
     with one ``index_add_``. The same result as the reference's per-image gathers and scatter_reduce
     on the strided halves ``x[:, ::2]``, ``x[:, 1::2]`` (tests check it), faster in eager: one block's
-    matching + size-weighted merge at 197 tokens, r = 8, took 243 vs 432 µs at batch 1 and 4.3 vs
-    16.9 ms at batch 32 (shared cores)."""
+    matching + size-weighted merge at 197 tokens, r = 8, took 655 vs 953 µs at batch 8 and 3.9 vs
+    5.2 ms at batch 32 (quiet, interleaved; the same at batch 1, where dispatch dominates)."""
     n, r = src_idx.shape
     first, b_rows, b_start = _row_offsets(n, t, r, src_idx.device)
     out_rows = torch.cat([2 * unm_idx + first, b_rows], dim=1).view(-1)
