@@ -1,15 +1,17 @@
 """Bipartite soft matching and size-weighted merging (ToMe §3) with fixed shapes, in two forms.
 
-Two forms of the same merge. The gather form picks the r merged and the kept tokens with
-fixed-size index tensors (a ``topk`` of r, and a ``topk`` of the kept indices in place of a sort,
-which TFLite lacks) and adds the merged tokens into their destinations, in PyTorch as rows of
-one matrix with ``index_select`` and ``index_add_`` (``merge_rows``), while exporting with a
-(t_b × r) 0/1 matrix (a scatter does not convert). The matmul form is written for LiteRT's
-XNNPACK delegate: every step is float arithmetic that XNNPACK runs (step functions from ReLU and Ceil, ranks as sums of pairwise comparisons, 0/1 matrices applied with
+Two forms of the same merge. The gather form picks the r merged and the kept tokens by index: in
+PyTorch with a sort and adds the merged tokens into their destinations as rows of one matrix
+(``index_select``, ``index_add_``: ``merge_rows``); while exporting to ONNX with fixed-size index
+tensors (a ``topk`` of r, and a ``topk`` of the kept indices in place of a sort, which TFLite
+lacks) and a (t_b × r) 0/1 matrix for the adds (a scatter does not convert). The matmul form is
+written for LiteRT's XNNPACK delegate: every step is float arithmetic that XNNPACK runs (step
+functions from ReLU and Ceil, ranks as sums of pairwise comparisons, 0/1 matrices applied with
 batched matmuls), with no ArgMax, TopK, Select, CumSum, L2Normalization, strided slice or
 dynamic-weight FullyConnected, each of which XNNPACK refuses and which split the graph into one
-delegate partition per merging block (``benchmarks/tome_profile.py``: op census). Both equal the reference's
-gather/scatter (tests check it); ``default_form`` picks the faster one for where the model is going.
+delegate partition per merging block (``benchmarks/tome_profile.py``: op census). Both equal the
+reference's gather/scatter (tests check it); ``default_form`` picks the faster one for where the
+model is going.
 """
 
 from __future__ import annotations
