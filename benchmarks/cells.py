@@ -7,18 +7,32 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgekd.checkpoint import write_json
+from edgekd.checkpoint import atomic_path, write_json
 from edgekd.distill.stage import distill
 from edgekd.recipe import Recipe
 
 
 RETRAIN_TOLERANCE = 0.5  # points of test top-1
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def keep_file(source: Path, keep: Path) -> str:
+    """Copy ``source`` to ``keep`` atomically (a teacher kept beside its table, small enough for git);
+    returns the copy's SHA-256."""
+    with atomic_path(keep) as tmp:
+        shutil.copyfile(source, tmp)
+    return sha256(keep)
 
 
 class Cells:
@@ -90,12 +104,20 @@ class Cells:
 
 
     def teacher(self, key: str, recipe: Recipe, run_dir: Path, row: Callable[[dict[str, Any]], dict[str, Any]],
-                ) -> tuple[dict[str, Any], str]:
-        """Like ``run`` for a teacher that later cells load: the run dirs are not kept in git, so on a
-        new machine a finished teacher cell whose checkpoint is gone is trained again (same seed and
-        data) and must reproduce the recorded top-1 within ``RETRAIN_TOLERANCE`` points: CPU float
-        reductions may differ in the last bits, which moved a teacher by one test image (0.05 pt).
-        The retrained score is kept beside the recorded one. Returns (row, checkpoint)."""
+                keep: Path | None = None) -> tuple[dict[str, Any], str]:
+        """Like ``run`` for a teacher that later cells load. Returns (row, checkpoint).
+
+        ``keep``: a copy of the teacher beside the table (the run dirs are not kept in git), recorded
+        by its SHA-256, so another machine continues the table with the same teacher; a different
+        file under that name is refused. Without that copy, a finished teacher cell whose checkpoint
+        is gone is trained again (same seed and data) and must reproduce the recorded top-1 within
+        ``RETRAIN_TOLERANCE`` points: CPU float reductions may differ in the last bits, which moved a
+        teacher by one test image (0.05 pt). The retrained score is kept beside the recorded one."""
+        if keep is not None and key in self.cells and keep.is_file():
+            if self.cells[key].get("sha256") != sha256(keep):
+                raise SystemExit(f"{keep} is not the teacher that {key} recorded (SHA-256 differs): restore it "
+                                 "(git checkout) or start a new table with --out")
+            return self.cells[key], str(keep)
         checkpoint = run_dir / "teacher_best.pt"
         if key in self.cells and not checkpoint.is_file():
             recorded = self.cells.pop(key)
@@ -104,7 +126,11 @@ class Cells:
                 raise SystemExit(f"{key}: the teacher trained again scores {again['test_top1']:.2f} %, not the "
                                  f"recorded {recorded['test_top1']:.2f} %: start a new table with --out")
             self.keep(key, {**recorded, "retrained_test_top1": again["test_top1"]})
-        return self.run(key, recipe, run_dir, row), str(checkpoint)
+        cell = self.run(key, recipe, run_dir, row)
+        if keep is None:
+            return cell, str(checkpoint)
+        self.keep(key, {**cell, "sha256": keep_file(checkpoint, keep)})
+        return self.cells[key], str(keep)
 
 
 def mean_std(values: list[float]) -> str:

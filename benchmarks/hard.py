@@ -5,7 +5,9 @@ Rows, each over ``--seeds`` seeds (a teacher is trained per seed): the student a
 teacher, KD, KD + random shifts (the paper's "Shifts" control: translations up to a quarter of
 the image), KD + hard-affine, KD + hard-mix, KD + hard-vae; then MobileNetV2-0.35 from the quick recipe's
 ResNet-18: KD against KD + hard-affine. Centred and shifted test top-1 as mean ± std. Every
-finished cell is kept in ``<out>.json``; run it again to continue.
+finished cell is kept in ``<out>.json`` and every teacher in ``<out>_teacher_seedN.pt`` (a few
+hundred KB, kept in git); run it again, on this machine or another, to continue: a teacher is
+loaded (or trained) only when a cell that needs it is still to run.
 
     python benchmarks/hard.py --seeds 3                          # the table in benchmarks/hard.md
     python benchmarks/hard.py --seeds 1 --train-subset 2000      # a quick look
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher-max-epochs", type=int, default=12, help="--converged: teacher epochs at most")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--report-only", action="store_true", help="rewrite OUT.md from the finished cells; train nothing")
-    ap.add_argument("--out", default=None, help="writes OUT.md, OUT.json and OUT_runs/ "
+    ap.add_argument("--out", default=None, help="writes OUT.md, OUT.json, OUT_runs/ and the teachers as "
+                    "OUT_teacher_seedN.pt (small: kept in git, so another machine continues the table) "
                     "[default: benchmarks/hard, --converged: benchmarks/hard_converged]")
     args = ap.parse_args(argv)
     if args.threads:
@@ -231,11 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     for seed, (label, key, kw) in order:
         if args.report_only:  # the finished cells only (report() reads them): nothing trains
             continue
+        if f"inv|{key}|{seed}" in cells.cells:
+            # done: its teacher is not needed, so a new machine (no run dirs) does not train it again
+            continue
         if seed not in teachers:
             t_dir = runs / f"inv_teacher_seed{seed}"
             teacher_recipe = base.model_copy(update={"seed": seed, "distill": base.distill.model_copy(
                 update={"method": "ce"}), "student": base.student.model_copy(update={"epochs": 1})})
-            _, teachers[seed] = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
+            _, teachers[seed] = cells.teacher(f"inv|teacher|{seed}", teacher_recipe, t_dir, _teacher_row,
+                                              keep=Path(f"{out}_teacher_seed{seed}.pt"))
         cells.run(f"inv|{key}|{seed}", _variant(base, seed, teachers[seed], **kw), runs / f"inv_{key}_seed{seed}",
                   _student_row)
 
@@ -244,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             t_dir = runs / f"mb_teacher_seed{seed}"
             teacher_recipe = mb.model_copy(update={"seed": seed, "distill": mb.distill.model_copy(
                 update={"method": "ce"}), "student": mb.student.model_copy(update={"epochs": 1})})
-            row, teacher = cells.teacher(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row)
+            row, teacher = cells.teacher(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row,
+                                         keep=Path(f"{out}_mb_teacher_seed{seed}.pt"))
             mobile.setdefault("teacher (ResNet-18 w16)", []).append({**row, "seed": seed})
             for label, key, kw in ((mb_label, mb_method, {"method": mb_method}),
                                    (f"{mb_label} + hard-affine", f"{mb_method}-hard-affine",

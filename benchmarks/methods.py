@@ -22,11 +22,9 @@ split; the test set and the teacher stay the same for every cell. Differences ar
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -35,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cells import RETRAIN_TOLERANCE, Cells, format_difference, mean_std, paired_difference  # noqa: E402
+from cells import (RETRAIN_TOLERANCE, Cells, format_difference, keep_file, mean_std, paired_difference,  # noqa: E402
+                   sha256)
 
 from edgekd.checkpoint import write_json, write_text  # noqa: E402
 from edgekd.distill.stage import distill  # noqa: E402
@@ -75,10 +74,6 @@ def cell_key(s: Setting, seed: int, default: Setting) -> str:
     extra = "".join(f"|{k}={getattr(s, k):g}" for k in ("alpha", "temperature", "warmup_epochs")
                     if getattr(s, k) != getattr(default, k))
     return f"{s.method}|beta={s.beta:g}{extra}|seed={seed}"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _row(setting: Setting, seed: int, teacher_sha: str, metrics: dict) -> dict:
@@ -197,8 +192,8 @@ def _train_teacher(base: Recipe, runs: Path, keep: Path, results: dict, json_pat
     if recorded and recorded.get("sha256") and results["cells"]:
         raise SystemExit(f"{keep} is gone and its cells were made with it; restore it (git checkout) or start a new "
                          "table with --out")
-    shutil.copyfile(teacher_dir / "teacher_best.pt", keep)
-    results["teacher"] = {**(recorded or trained), "sha256": sha256(keep), "file": str(keep)}
+    results["teacher"] = {**(recorded or trained), "sha256": keep_file(teacher_dir / "teacher_best.pt", keep),
+                          "file": str(keep)}
     if recorded:
         results["teacher"]["retrained_test_top1"] = trained["test_top1"]
     write_json(json_path, results)

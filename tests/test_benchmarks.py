@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at a tiny scale, so they cannot rot unnoticed."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -83,16 +84,39 @@ def test_hard_table_runs_and_resumes(tmp_path):
                                                 "kd-hard-vae"}
     table = (tmp_path / "hard.md").read_text()
     assert "benchmarks/hard.py --seeds 1" in table and "| KD + hard-affine | 1 |" in table
-    # a new machine has the table but not the run dirs: the teacher is trained again and must
-    # reproduce its recorded top-1 before a new cell may use it
+    kept = tmp_path / "hard_teacher_seed0.pt"  # the teacher beside the table, for git
+    assert cells["inv|teacher|0"]["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+
+    def without(cell: str) -> None:
+        table = json.loads((tmp_path / "hard.json").read_text())
+        del table["cells"][cell]
+        (tmp_path / "hard.json").write_text(json.dumps(table))
+
+    # a new machine has the table and the kept teacher but not the run dirs: a cell still to run
+    # there uses the kept teacher; the teacher is not trained again
     shutil.rmtree(tmp_path / "hard_runs")
+    without("inv|kd-hard-vae|0")
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
     after = json.loads((tmp_path / "hard.json").read_text())["cells"]
-    retrained = after["inv|teacher|0"].pop("retrained_test_top1")
-    assert after == cells  # the recorded cells are kept, nothing else ran
-    assert abs(retrained - cells["inv|teacher|0"]["test_top1"]) <= 0.5
-    assert (tmp_path / "hard_runs" / "inv_teacher_seed0" / "teacher_best.pt").is_file()
+    assert after.keys() == cells.keys() and not (tmp_path / "hard_runs" / "inv_teacher_seed0").exists()
+    assert {k: v for k, v in after.items() if k != "inv|kd-hard-vae|0"} == {
+        k: v for k, v in cells.items() if k != "inv|kd-hard-vae|0"}  # the recorded cells are kept
+    # another file under the kept teacher's name is refused before anything trains
+    without("inv|kd-hard-vae|0")
+    good = kept.read_bytes()
+    kept.write_bytes(good[:-1])
+    wrong = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert wrong.returncode != 0 and "SHA-256 differs" in wrong.stderr, wrong.stderr[-3000:]
+    # without the kept teacher it is trained again and must reproduce its recorded top-1 before the
+    # new cell may use it
+    kept.unlink()
+    retrain = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert retrain.returncode == 0, retrain.stderr[-3000:]
+    teacher = json.loads((tmp_path / "hard.json").read_text())["cells"]["inv|teacher|0"]
+    assert abs(teacher["retrained_test_top1"] - cells["inv|teacher|0"]["test_top1"]) <= 0.5
+    assert teacher["test_top1"] == cells["inv|teacher|0"]["test_top1"]  # the recorded row stays
+    assert teacher["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
 
 
 def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_teacher):
