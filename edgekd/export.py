@@ -200,7 +200,13 @@ def calibrate_int8(model: nn.Module, sample: torch.Tensor, calib: torch.Tensor) 
     with torch.no_grad():
         for i in range(len(calib)):
             graph(calib[i : i + 1])
-    return convert_pt2e(graph, fold_quantize=False), quantizer
+    quantised = convert_pt2e(graph, fold_quantize=False)
+    # torch.export's module says training=True and refuses .eval(); the graph was captured from the
+    # model in eval mode (no dropout, batch-norm statistics frozen), so only the flag is wrong, and on
+    # it litert-torch would warn that the model "is converted in training mode"
+    for module in quantised.modules():
+        module.training = False
+    return quantised, quantizer
 
 
 def export_tflite_int8(model: nn.Module, sample: torch.Tensor, calib: torch.Tensor, path: Path) -> None:

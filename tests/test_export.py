@@ -100,7 +100,7 @@ def test_int8_file_really_is_int8(exported):
 
 
 @pytest.mark.parametrize("converter", ["onnx2tf", "litert-torch"])
-def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter):
+def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter, caplog):
     """Full-width MobileNetV2 (the size the product ships), calibrated on real images. The tiny
     test widths carry ~12 bytes of per-channel metadata per channel, so their ratio is higher."""
     import torch
@@ -124,6 +124,8 @@ def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter):
         export_tflite_int8(model, calib[:1], calib, int8)
     ratio = int8.stat().st_size / fp32.stat().st_size
     assert ratio <= 0.35, ratio
+    # the graphs come from the model in eval mode: no "converted in training mode" warning for either
+    assert "training mode" not in caplog.text
 
 
 def test_litert_torch_converter(exported, tmp_path):
