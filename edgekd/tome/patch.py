@@ -36,18 +36,16 @@ def _tome_classes() -> tuple[type, type, type]:
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
             # the matching metric: the keys averaged over heads, taken before the permute below (a
             # mean over the permuted heads' axis took 0.36 ms of a ~9 ms merging block in eager at batch 8)
-            metric = None
-            if isinstance(self.k_norm, nn.Identity) and exporting():
-                metric = qkv[:, :, 1].mean(2)
-            elif isinstance(self.k_norm, nn.Identity):
+            export, metric = exporting(), None
+            if isinstance(self.k_norm, nn.Identity):
                 # eager: the heads' sum as adds, faster than that strided mean and more so as the batch
                 # grows; the matchers compare directions only, so the scale does not matter
-                metric = functools.reduce(torch.add, qkv[:, :, 1].unbind(2))
+                metric = qkv[:, :, 1].mean(2) if export else functools.reduce(torch.add, qkv[:, :, 1].unbind(2))
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             # proportional attention: a token of size s counts s times, i.e. log(s) added to its logits
             bias = None if size is None else size.log()[:, None, None, :, 0]
-            if self.fused_attn and not exporting():
+            if self.fused_attn and not export:
                 # one fused kernel, as timm's own block runs; the bias is its additive float mask
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                                    dropout_p=self.attn_drop.p if self.training else 0.0)
