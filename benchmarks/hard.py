@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mobilenet-train-subset", type=int, default=3000)
     ap.add_argument("--mobilenet-epochs", type=int, default=2)
     ap.add_argument("--mobilenet-seeds", type=int, default=None, help="default: --seeds")
-    ap.add_argument("--no-mobilenet", action="store_true")
+    ap.add_argument("--no-mobilenet", action="store_true", help="the invariance rows only")
+    ap.add_argument("--mobilenet-only", action="store_true",
+                    help="the MobileNetV2 rows only (a second process can fill them beside one that runs the "
+                         "invariance rows: both keep their cells in the same table)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--converged", action="store_true", help="full training set, early stopping (see above)")
     ap.add_argument("--patience", type=int, default=3, help="--converged: epochs without a better val top-1")
@@ -121,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     args.out = args.out or ("benchmarks/hard_converged" if args.converged else "benchmarks/hard")
-    command = "python " + shlex.join(["benchmarks/hard.py", *(argv if argv is not None else sys.argv[1:])])
+    # the command that makes the whole table: without the flags that only choose what this process does
+    command = "python " + shlex.join(["benchmarks/hard.py", *(a for a in (argv if argv is not None else sys.argv[1:])
+                                                              if a not in ("--report-only", "--mobilenet-only"))])
     out, runs = Path(args.out), Path(f"{args.out}_runs")
     cells = Cells(Path(f"{out}.json"))
     overrides = {"data.train_subset": args.train_subset, "train.device": args.device}
@@ -151,7 +156,6 @@ def main(argv: list[str] | None = None) -> None:
     order = [(seed, v) for seed in range(args.seeds) for v in variants if v[1] in first]
     order += [(seed, v) for seed in range(args.seeds) for v in variants if v[1] not in first]
     teachers: dict[int, str] = {}
-    mobile: dict[str, list[dict]] = {}
     # the deployable: in --converged, AT-KD (the main job's method) against AT-KD + hard-affine at
     # the main job's budget; else the first table's KD at a small budget
     mb_method = "atkd" if args.converged else "kd"
@@ -199,7 +203,23 @@ def main(argv: list[str] | None = None) -> None:
                 out.setdefault(label, []).append({**cells.cells[f"inv|{key}|{seed}"], "seed": seed})
         return out
 
+    mb_seeds = range(args.seeds if args.mobilenet_seeds is None else args.mobilenet_seeds)
+    mb_rows = (("teacher (ResNet-18 w16)", "teacher", None), (mb_label, mb_method, {"method": mb_method}),
+               (f"{mb_label} + hard-affine", f"{mb_method}-hard-affine",
+                {"method": mb_method, "augment": "hard-affine"}))
+
+    def mobile_from_cells() -> dict[str, list[dict]]:
+        """The MobileNetV2 rows finished so far, by this process or another."""
+        out: dict[str, list[dict]] = {}
+        for label, key, _ in mb_rows:
+            rs = [{**cells.cells[f"mb|{key}|{seed}"], "seed": seed} for seed in mb_seeds
+                  if f"mb|{key}|{seed}" in cells.cells]
+            if rs:
+                out[label] = rs
+        return out
+
     def report() -> str:
+        cells.refresh()  # the cells that another process filled meanwhile
         md = ["# HARD: learned hard augmentations, measured", "",
               f"Made by `{command}` (cells kept in `{out.name}.json`; run it again to continue).", "",
               f"Shifted test of the invariance rows: {_shift_text(base)}. Mean ± sample std over seeds; a seed "
@@ -220,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"ℓmin {base.distill.hard.l_min:g} % / ℓmax {base.distill.hard.l_max:g} %. "
                     "Paper (MNIST, MLP student): KD + HARD-Affine +28.6 pt over KD on shifted digits.",
                     rows_from_cells(), "KD")
+        mobile = mobile_from_cells()
         if mobile:
             md += table(f"MobileNetV2-0.35 from ResNet-18 (main job's recipe, {mb_method})",
                         f"`{args.mobilenet_recipe}` with {args.mobilenet_train_subset} training images, "
@@ -232,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cells.after = report  # the report is rewritten after every new cell
     for seed, (label, key, kw) in order:
-        if args.report_only:  # the finished cells only (report() reads them): nothing trains
+        if args.report_only or args.mobilenet_only:  # report() reads the finished cells
             continue
         if f"inv|{key}|{seed}" in cells.cells:
             # done: its teacher is not needed, so a new machine (no run dirs) does not train it again
@@ -247,19 +268,17 @@ def main(argv: list[str] | None = None) -> None:
                   _student_row)
 
     if not args.no_mobilenet and not args.report_only:
-        for seed in range(args.seeds if args.mobilenet_seeds is None else args.mobilenet_seeds):
+        for seed in mb_seeds:
+            if all(f"mb|{key}|{seed}" in cells.cells for _, key, _ in mb_rows):
+                continue  # done: its teacher is not needed
             t_dir = runs / f"mb_teacher_seed{seed}"
             teacher_recipe = mb.model_copy(update={"seed": seed, "distill": mb.distill.model_copy(
                 update={"method": "ce"}), "student": mb.student.model_copy(update={"epochs": 1})})
-            row, teacher = cells.teacher(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row,
-                                         keep=Path(f"{out}_mb_teacher_seed{seed}.pt"))
-            mobile.setdefault("teacher (ResNet-18 w16)", []).append({**row, "seed": seed})
-            for label, key, kw in ((mb_label, mb_method, {"method": mb_method}),
-                                   (f"{mb_label} + hard-affine", f"{mb_method}-hard-affine",
-                                    {"method": mb_method, "augment": "hard-affine"})):
-                mobile.setdefault(label, []).append({**cells.run(
-                    f"mb|{key}|{seed}", _variant(mb, seed, teacher, **kw), runs / f"mb_{key}_seed{seed}", _student_row),
-                    "seed": seed})
+            _, teacher = cells.teacher(f"mb|teacher|{seed}", teacher_recipe, t_dir, _teacher_row,
+                                       keep=Path(f"{out}_mb_teacher_seed{seed}.pt"))
+            for _, key, kw in mb_rows[1:]:
+                cells.run(f"mb|{key}|{seed}", _variant(mb, seed, teacher, **kw), runs / f"mb_{key}_seed{seed}",
+                          _student_row)
     print(report())
 
 

@@ -84,6 +84,15 @@ def test_hard_table_runs_and_resumes(tmp_path):
                                                 "kd-hard-vae"}
     table = (tmp_path / "hard.md").read_text()
     assert "benchmarks/hard.py --seeds 1" in table and "| KD + hard-affine | 1 |" in table
+    # the MobileNetV2 rows by a second process (as beside a running one): the same table gains them
+    mb_cmd = [*cmd[:cmd.index("--no-mobilenet")], "--mobilenet-only", "--mobilenet-train-subset", "200",
+              "--mobilenet-epochs", "1", *cmd[cmd.index("--no-mobilenet") + 1:]]
+    mobile = subprocess.run(mb_cmd, capture_output=True, text=True, cwd=REPO)
+    assert mobile.returncode == 0, mobile.stderr[-3000:]
+    both = json.loads((tmp_path / "hard.json").read_text())["cells"]
+    assert {k for k in both if k not in cells} == {"mb|teacher|0", "mb|kd|0", "mb|kd-hard-affine|0"}
+    assert (tmp_path / "hard_mb_teacher_seed0.pt").is_file()
+    cells = both
     kept = tmp_path / "hard_teacher_seed0.pt"  # the teacher beside the table, for git
     assert cells["inv|teacher|0"]["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
 
@@ -117,6 +126,8 @@ def test_hard_table_runs_and_resumes(tmp_path):
     assert abs(teacher["retrained_test_top1"] - cells["inv|teacher|0"]["test_top1"]) <= 0.5
     assert teacher["test_top1"] == cells["inv|teacher|0"]["test_top1"]  # the recorded row stays
     assert teacher["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+    # the invariance process's report keeps the rows the other process made
+    assert "## MobileNetV2-0.35 from ResNet-18" in (tmp_path / "hard.md").read_text()
 
 
 def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_teacher):
