@@ -5,9 +5,10 @@ Rows, each over ``--seeds`` seeds (a teacher is trained per seed): the student a
 teacher, KD, KD + random shifts (the paper's "Shifts" control: translations up to a quarter of
 the image), KD + hard-affine, KD + hard-mix, KD + hard-vae; then MobileNetV2-0.35 from the quick recipe's
 ResNet-18: KD against KD + hard-affine. Centred and shifted test top-1 as mean ± std. Every
-finished cell is kept in ``<out>.json`` and every teacher in ``<out>_teacher_seedN.pt`` (a few
-hundred KB, kept in git); run it again, on this machine or another, to continue: a teacher is
-loaded (or trained) only when a cell that needs it is still to run.
+finished cell is kept in ``<out>.json`` and every teacher beside it, ``<out>_teacher_seedN.pt`` (the
+CNN, ~250 KB) and ``<out>_mb_teacher_seedN.pt`` (the ResNet-18, ~3 MB), kept in git; run it again,
+on this machine or another, to continue: a teacher is loaded (or trained) only when a cell that
+needs it is still to run.
 
     python benchmarks/hard.py --seeds 3                          # the table in benchmarks/hard.md
     python benchmarks/hard.py --seeds 1 --train-subset 2000      # a quick look
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--report-only", action="store_true", help="rewrite OUT.md from the finished cells; train nothing")
     ap.add_argument("--out", default=None, help="writes OUT.md, OUT.json, OUT_runs/ and the teachers as "
-                    "OUT_teacher_seedN.pt (small: kept in git, so another machine continues the table) "
+                    "OUT_teacher_seedN.pt and OUT_mb_teacher_seedN.pt (kept in git, so another machine continues "
+                    "the table) "
                     "[default: benchmarks/hard, --converged: benchmarks/hard_converged]")
     args = ap.parse_args(argv)
     if args.threads:
