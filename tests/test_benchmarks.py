@@ -105,8 +105,12 @@ def test_hard_table_runs_and_resumes(tmp_path):
     # there uses the kept teacher; the teacher is not trained again
     shutil.rmtree(tmp_path / "hard_runs")
     without("inv|kd-hard-vae|0")
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    wrong_row = subprocess.run([*cmd, "--rows", "kd,hard-nothing"], capture_output=True, text=True, cwd=REPO)
+    assert wrong_row.returncode != 0 and "unknown --rows hard-nothing; choose from ce, kd," in wrong_row.stderr
+    # this process runs only the row asked for (as beside another process); the table's command stays whole
+    again = subprocess.run([*cmd, "--rows", "kd-hard-vae"], capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "--rows" not in (tmp_path / "hard.md").read_text()
     after = json.loads((tmp_path / "hard.json").read_text())["cells"]
     assert after.keys() == cells.keys() and not (tmp_path / "hard_runs" / "inv_teacher_seed0").exists()
     assert {k: v for k, v in after.items() if k != "inv|kd-hard-vae|0"} == {
