@@ -109,17 +109,20 @@ class Cells:
 
         ``keep``: a copy of the teacher beside the table (the run dirs are not kept in git), recorded
         by its SHA-256, so another machine continues the table with the same teacher; a different
-        file under that name is refused. Without that copy, a finished teacher cell whose checkpoint
-        is gone is trained again (same seed and data) and must reproduce the recorded top-1 within
-        ``RETRAIN_TOLERANCE`` points: CPU float reductions may differ in the last bits, which moved a
-        teacher by one test image (0.05 pt). The retrained score is kept beside the recorded one."""
+        file under that name is refused. Without that copy, a finished teacher cell whose run is gone
+        or unfinished is trained again (same seed and data; an unfinished run resumed) and must
+        reproduce the recorded top-1 within ``RETRAIN_TOLERANCE`` points: CPU float reductions may
+        differ in the last bits, which moved a teacher by one test image (0.05 pt). The retrained
+        score is kept beside the recorded one."""
         if keep is not None and key in self.cells and keep.is_file():
             if self.cells[key].get("sha256") != sha256(keep):
                 raise SystemExit(f"{keep} is not the teacher that {key} recorded (SHA-256 differs): restore it "
                                  "(git checkout) or start a new table with --out")
             return self.cells[key], str(keep)
         checkpoint = run_dir / "teacher_best.pt"
-        if key in self.cells and not checkpoint.is_file():
+        # a run dir holds a finished teacher once distill wrote metrics.json: a killed run already has a
+        # teacher_best.pt (its best epoch so far), which is resumed here, never taken for the teacher
+        if key in self.cells and not (checkpoint.is_file() and (run_dir / "metrics.json").is_file()):
             recorded = self.cells.pop(key)
             again = self.run(key, recipe, run_dir, row)
             if abs(again["test_top1"] - recorded["test_top1"]) > RETRAIN_TOLERANCE:

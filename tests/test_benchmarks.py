@@ -130,6 +130,15 @@ def test_hard_table_runs_and_resumes(tmp_path):
     assert abs(teacher["retrained_test_top1"] - cells["inv|teacher|0"]["test_top1"]) <= 0.5
     assert teacher["test_top1"] == cells["inv|teacher|0"]["test_top1"]  # the recorded row stays
     assert teacher["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
+    # a teacher run that was killed (a teacher_best.pt but no metrics.json yet) is resumed to its end,
+    # never taken for the finished teacher
+    kept.unlink()
+    (tmp_path / "hard_runs" / "inv_teacher_seed0" / "metrics.json").unlink()
+    without("inv|kd-hard-vae|0")
+    resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "hard_runs" / "inv_teacher_seed0" / "metrics.json").is_file()
+    assert kept.is_file()
     # the invariance process's report keeps the rows the other process made
     assert "## MobileNetV2-0.35 from ResNet-18" in (tmp_path / "hard.md").read_text()
 
