@@ -114,6 +114,17 @@ class Cells:
         reproduce the recorded top-1 within ``RETRAIN_TOLERANCE`` points: CPU float reductions may
         differ in the last bits, which moved a teacher by one test image (0.05 pt). The retrained
         score is kept beside the recorded one."""
+        # one process trains a teacher; another that needs it waits here, then reads what the first recorded
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with self._locked(run_dir.with_name(run_dir.name + ".teacher.lock")):
+            if self.path.is_file():
+                on_disk = json.loads(self.path.read_text())["cells"]
+                if key in on_disk:
+                    self.cells[key] = on_disk[key]
+            return self._teacher(key, recipe, run_dir, row, keep)
+
+    def _teacher(self, key: str, recipe: Recipe, run_dir: Path, row: Callable[[dict[str, Any]], dict[str, Any]],
+                 keep: Path | None) -> tuple[dict[str, Any], str]:
         if keep is not None and key in self.cells and keep.is_file():
             if self.cells[key].get("sha256") != sha256(keep):
                 raise SystemExit(f"{keep} is not the teacher that {key} recorded (SHA-256 differs): restore it "

@@ -5,6 +5,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import yaml
 
@@ -71,6 +73,39 @@ def test_two_processes_fill_one_table_without_losing_cells(tmp_path):
         assert mine and not theirs
     with second.claim(tmp_path / "runs" / "a") as now_mine:
         assert now_mine
+
+
+def test_two_processes_that_need_one_teacher_train_it_once(tmp_path):
+    """Two table processes (threads here: flock holds between separate opens) reach the same teacher:
+    the second waits for the first and takes the teacher it kept. The training itself is replaced by
+    a stand-in that writes a finished run: what is under test is who trains."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from cells import Cells
+
+    trained: list[str] = []
+
+    class StandInTraining(Cells):
+        def run(self, key, recipe, run_dir, row):
+            if key not in self.cells:
+                trained.append(key)
+                time.sleep(0.5)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "teacher_best.pt").write_bytes(b"teacher weights")
+                (run_dir / "metrics.json").write_text("{}")
+                self.keep(key, {"test_top1": 90.0})
+            return self.cells[key]
+
+    workers = [StandInTraining(tmp_path / "t.json") for _ in range(2)]  # both read the table before either trains
+    got: list[tuple[dict, str]] = []
+    kept = tmp_path / "t_teacher_seed0.pt"
+    threads = [threading.Thread(target=lambda w=w: got.append(
+        w.teacher("inv|teacher|0", None, tmp_path / "runs" / "teacher", lambda m: m, keep=kept))) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert trained == ["inv|teacher|0"] and len(got) == 2 and got[0] == got[1]
+    assert got[0][1] == str(kept) and got[0][0]["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
 
 
 def test_hard_table_runs_and_resumes(tmp_path):
