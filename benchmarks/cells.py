@@ -40,6 +40,7 @@ class Cells:
         self.path = json_path
         self.data: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {"cells": {}}
         self.after: Callable[[], Any] | None = None  # called after each new cell (a report rewrite)
+        self._mine: set[str] = set()  # the cells this process wrote: on disk, another's newer copy wins for the rest
 
     @property
     def cells(self) -> dict[str, dict[str, Any]]:
@@ -53,12 +54,15 @@ class Cells:
 
     def save(self, **data: Any) -> None:
         """Write the table with ``data`` set at its top level, keeping every cell that another
-        process has written since this one read the file."""
+        process has written or updated since this one read the file (a process writes back only
+        the cells it wrote itself: its stale copy of a teacher cell that another process updated,
+        e.g. with the kept file's SHA-256, must not undo that update)."""
         with self._locked(self.path.with_name(self.path.name + ".lock")):
             if self.path.is_file():  # in place: callers hold references to ``data`` and ``cells``
                 on_disk = json.loads(self.path.read_text())
                 for key, cell in on_disk.pop("cells", {}).items():
-                    self.cells.setdefault(key, cell)
+                    if key not in self._mine:
+                        self.cells[key] = cell
                 for key, value in on_disk.items():
                     self.data.setdefault(key, value)
             self.data.update(data)
@@ -67,6 +71,7 @@ class Cells:
     def keep(self, key: str, value: dict[str, Any]) -> None:
         """Record one finished cell (see ``save``)."""
         self.cells[key] = value
+        self._mine.add(key)
         self.save()
 
     def refresh(self) -> None:
@@ -126,7 +131,10 @@ class Cells:
     def _teacher(self, key: str, recipe: Recipe, run_dir: Path, row: Callable[[dict[str, Any]], dict[str, Any]],
                  keep: Path | None) -> tuple[dict[str, Any], str]:
         if keep is not None and key in self.cells and keep.is_file():
-            if self.cells[key].get("sha256") != sha256(keep):
+            if "sha256" not in self.cells[key]:
+                raise SystemExit(f"{key} records no SHA-256 for {keep}: delete {keep} to take the teacher from its "
+                                 "run (or train it again), or start a new table with --out")
+            if self.cells[key]["sha256"] != sha256(keep):
                 raise SystemExit(f"{keep} is not the teacher that {key} recorded (SHA-256 differs): restore it "
                                  "(git checkout) or start a new table with --out")
             return self.cells[key], str(keep)

@@ -69,6 +69,10 @@ def test_two_processes_fill_one_table_without_losing_cells(tmp_path):
     on_disk = json.loads(path.read_text())
     assert set(on_disk["cells"]) == {"a|seed=0", "b|seed=0", "c|seed=0"} and on_disk["timing"] == {"runs": 3}
     assert held is first.data and set(held["cells"]) == set(on_disk["cells"])
+    # a cell one worker updates (a teacher's kept file recorded) is not undone by the other's stale copy
+    second.keep("b|seed=0", {"top1": 2.0, "sha256": "abc"})
+    first.keep("d|seed=0", {"top1": 4.0})
+    assert json.loads(path.read_text())["cells"]["b|seed=0"] == {"top1": 2.0, "sha256": "abc"}
     with first.claim(tmp_path / "runs" / "a") as mine, second.claim(tmp_path / "runs" / "a") as theirs:
         assert mine and not theirs
     with second.claim(tmp_path / "runs" / "a") as now_mine:
