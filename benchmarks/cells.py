@@ -75,10 +75,11 @@ class Cells:
         self.save()
 
     def refresh(self) -> None:
-        """Read the cells other processes finished since this one read the file."""
+        """Read the cells other processes finished or updated since this one read the file (the
+        cells this process wrote stay its own, as in ``save``)."""
         if self.path.is_file():
             self.cells.update({k: v for k, v in json.loads(self.path.read_text())["cells"].items()
-                               if k not in self.cells})
+                               if k not in self._mine})
 
     @contextlib.contextmanager
     def claim(self, run_dir: Path) -> Iterator[bool]:
@@ -122,10 +123,7 @@ class Cells:
         # one process trains a teacher; another that needs it waits here, then reads what the first recorded
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         with self._locked(run_dir.with_name(run_dir.name + ".teacher.lock")):
-            if self.path.is_file():
-                on_disk = json.loads(self.path.read_text())["cells"]
-                if key in on_disk:
-                    self.cells[key] = on_disk[key]
+            self.refresh()
             return self._teacher(key, recipe, run_dir, row, keep)
 
     def _teacher(self, key: str, recipe: Recipe, run_dir: Path, row: Callable[[dict[str, Any]], dict[str, Any]],
