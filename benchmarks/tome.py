@@ -4,7 +4,9 @@
     python benchmarks/tome.py --recipe recipes/fashion_mnist_vit.yaml --sweep 0,2,4,8 --out benchmarks/tome_vit50
 
 One run: the ViT student of ``--recipe`` (default ``recipes/fashion_mnist_vit197.yaml``, DeiT-Ti's
-197 tokens) is distilled (kept in ``benchmarks/tome_runs/<recipe name>``, resumed if killed), exported with
+197 tokens) is distilled (kept in ``benchmarks/tome_runs/<recipe name>``, resumed if killed), and the
+same student trained with merging at ``--trained-r`` (``student.tome_r``, ToMe §4; from the same
+teacher, in ``<recipe name>_tome<r>``); each is exported with
 ``edgekd export --tome-sweep`` for the exact and the LSH matcher, and every file is scored on the
 test set (``export.json``); the bucketed LSH matcher, which has no TFLite form, is scored in
 PyTorch and timed in PyTorch and onnxruntime. Then for each r and matcher: host latency (batch 1,
@@ -26,6 +28,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,14 +47,33 @@ from edgekd.tome.patch import lsh_planes  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ensure_run(recipe_path: Path, run_dir: Path) -> None:
+def ensure_run(recipe_path: Path, run_dir: Path, overrides: dict | None = None) -> None:
     if not (run_dir / "metrics.json").is_file():
-        distill(load_recipe(recipe_path), run_dir, resume=run_dir.exists())
+        distill(load_recipe(recipe_path, overrides), run_dir, resume=run_dir.exists())
 
 
-def ensure_export(run_dir: Path, sweep: tuple[int, ...], bits: int) -> dict:
+class Row(NamedTuple):
+    """One model of the tables: a student at one r and matcher, its files and its r = 0 row."""
+
+    label: str
+    r: int
+    matcher: str  # exact, lsh, bucketed; "none" at r = 0
+    stem: str  # artifact stem in export_dir
+    export_dir: Path
+    base: str  # the label of the same student at r = 0
+
+
+def tome_stem(r: int, matcher: str, own_r: int = 0) -> str:
+    """The file stem ``edgekd export`` writes for r and matcher: the student's own setting (r = 0,
+    or the r it was trained with, exact) is ``student``."""
+    if r == own_r and matcher in ("exact", "none"):
+        return "student"
+    return f"student-tome-r{r}-{matcher if r else 'none'}"
+
+
+def ensure_export(run_dir: Path, sweep: tuple[int, ...], bits: int, own_r: int = 0) -> dict:
     report_path = run_dir / "export" / "export.json"
-    want = {f"student-tome-r{r}-{m}_int8.tflite" for r in sweep if r for m in ("exact", "lsh")}
+    want = {f"{tome_stem(r, m, own_r)}_int8.tflite" for r in sweep for m in ("exact", "lsh") if r or m == "exact"}
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         if want <= set(report["artifacts"]) and all(
@@ -179,6 +201,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--batches", default="8,32", help="batch sizes of the PyTorch eager throughput table ('' for none)")
+    ap.add_argument("--trained-r", type=int, default=8,
+                    help="also the student trained with merging at this r (student.tome_r), same teacher; 0: none")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "tome"))
     args = ap.parse_args()
     sweep = tuple(int(v) for v in args.sweep.split(","))
@@ -188,6 +212,11 @@ def main() -> None:
     run_dir = REPO / "benchmarks" / "tome_runs" / Path(args.recipe).stem.removeprefix("fashion_mnist_")
     ensure_run(Path(args.recipe), run_dir)
     report = ensure_export(run_dir, sweep, args.bits)
+    trained_dir = run_dir.with_name(f"{run_dir.name}_tome{args.trained_r}") if args.trained_r else None
+    if trained_dir:  # ToMe §4: trained with merging, it loses less when merging; the teacher is shared
+        ensure_run(Path(args.recipe), trained_dir, {"student.tome_r": args.trained_r,
+                                                    "teacher.checkpoint": str(run_dir / "teacher_best.pt")})
+        trained_report = ensure_export(trained_dir, sweep, args.bits, own_r=args.trained_r)
     ref = Path(args.reference)
     if not (ref / "export" / "student_int8.tflite").is_file():
         from edgekd.pipeline import run as run_pipeline
@@ -198,6 +227,9 @@ def main() -> None:
 
     ckpt = load_checkpoint(run_dir / "student_best.pt")
     vit = build_from_checkpoint(ckpt, run_dir / "student_best.pt").eval()
+    if trained_dir:  # its own merging is off (apply_tome sets every r below)
+        trained = apply_tome(build_from_checkpoint(load_checkpoint(trained_dir / "student_best.pt"),
+                                                   trained_dir / "student_best.pt").eval(), 0)
     samples = np.load(export_dir / "samples.npz")
     mean, std = ckpt["mean"][0], ckpt["std"][0]
     x1 = torch.from_numpy((samples["images"][:1].astype(np.float32) / 255 - mean) / std)
@@ -205,17 +237,21 @@ def main() -> None:
     tokens = (ckpt["image_size"] // kw["patch_size"]) ** 2 + 1
     head_dim = kw["embed_dim"] // kw["num_heads"]
 
-    # rows: (label, r, matcher, artifact stem); the bucketed matcher has ONNX files only (its sort
-    # lowers to an int64 comparator TFLite refuses), written here and scored in PyTorch
+    # the bucketed matcher has ONNX files only (its sort lowers to an int64 comparator TFLite
+    # refuses), written here and scored in PyTorch; the trained-with-merging student, exact only
     rows = []
     for r in sweep:
         for m in MATCHERS:
             if r == 0 and m != "exact":
                 continue
-            stem = "student" if r == 0 else f"student-tome-r{r}-{m}"
-            rows.append((f"ViT r={r}" + (f" {m}" if r else ""), r, m if r else "none", stem))
+            stem = tome_stem(r, m)
+            rows.append(Row(f"ViT r={r}" + (f" {m}" if r else ""), r, m if r else "none", stem, export_dir, "ViT r=0"))
+    if trained_dir:
+        name = f"ViT trained at r={args.trained_r}"
+        rows += [Row(f"{name}, r={r}" + (" exact" if r else ""), r, "exact" if r else "none",
+                     tome_stem(r, "exact", args.trained_r), trained_dir / "export", f"{name}, r=0") for r in sweep]
     bucketed_top1 = {}
-    for label, r, m, stem in rows:
+    for label, r, m, stem, _, _ in rows:
         if m == "bucketed":
             model = apply_tome(copy.deepcopy(vit), r, m, args.bits)
             bucketed_top1[label] = torch_top1(model, run_dir)
@@ -228,15 +264,15 @@ def main() -> None:
     for th in threads:
         torch.set_num_threads(th)
         calls = {}
-        for label, r, m, stem in rows:
-            model = copy.deepcopy(vit)
+        for label, r, m, stem, files, base in rows:
+            model = copy.deepcopy(vit if files == export_dir else trained)
             if r:
                 apply_tome(model, r, m, args.bits)
             calls[f"{label}|torch"] = torch_invoke(model, x1)
-            calls[f"{label}|ort"] = ort_invoke(export_dir / f"{stem}.onnx", th)
+            calls[f"{label}|ort"] = ort_invoke(files / f"{stem}.onnx", th)
             if m != "bucketed":
-                calls[f"{label}|fp32"] = litert_invoke(export_dir / f"{stem}_fp32.tflite", th)
-                calls[f"{label}|int8"] = litert_invoke(export_dir / f"{stem}_int8.tflite", th)
+                calls[f"{label}|fp32"] = litert_invoke(files / f"{stem}_fp32.tflite", th)
+                calls[f"{label}|int8"] = litert_invoke(files / f"{stem}_int8.tflite", th)
         calls["MobileNetV2 student|int8"] = litert_invoke(ref / "export" / "student_int8.tflite", th)
         calls["MobileNetV2 student|fp32"] = litert_invoke(ref / "export" / "student_fp32.tflite", th)
         if (ref / "export" / "teacher_fp32.tflite").is_file():  # a students.py run dir has no teacher file
@@ -248,12 +284,13 @@ def main() -> None:
 
     arts = report["artifacts"]
     top1 = {}
-    for label, r, m, stem in rows:
+    for label, r, m, stem, files, _ in rows:
         if m == "bucketed":
             top1[label] = {"torch": bucketed_top1[label]}
             continue
-        top1[label] = {"fp32": arts[f"{stem}_fp32.tflite"]["test_top1"],
-                       "int8": arts[f"{stem}_int8.tflite"]["test_top1"], "torch": arts[f"{stem}.onnx"]["test_top1"]}
+        a = arts if files == export_dir else trained_report["artifacts"]
+        top1[label] = {"fp32": a[f"{stem}_fp32.tflite"]["test_top1"],
+                       "int8": a[f"{stem}_int8.tflite"]["test_top1"], "torch": a[f"{stem}.onnx"]["test_top1"]}
     ra = ref_report["artifacts"]
     top1["MobileNetV2 student"] = {"fp32": ra["student_fp32.tflite"]["test_top1"],
                                    "int8": ra["student_int8.tflite"]["test_top1"]}
@@ -271,6 +308,7 @@ def main() -> None:
             "recipe": str(Path(args.recipe).resolve().relative_to(REPO)) if Path(args.recipe).resolve().is_relative_to(
                 REPO) else args.recipe, "run_dir": str(run_dir.relative_to(REPO)) if run_dir.is_relative_to(REPO)
             else str(run_dir), "distill_min": distill_minutes(run_dir), "load_1m": os.getloadavg()[0],
+            "trained_r": args.trained_r, "trained_distill_min": distill_minutes(trained_dir) if trained_dir else None,
             "bucket_size": BUCKET_SIZE,
             "latency_ms": latency, "top1": top1, "matching_ms": {str(k): v for k, v in match.items()},
             "scaling": scaled, "eager_img_s": throughput,
@@ -285,7 +323,8 @@ def main() -> None:
 def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int], stem: str = "tome") -> str:
     lat, top1 = data["latency_ms"], data["top1"]
     cmd = f"python benchmarks/tome.py --recipe {data['recipe']} --sweep {args.sweep} --bits {args.bits} " \
-          f"--threads {args.threads}" + ("" if stem == "tome" else f" --out benchmarks/{stem}")
+          f"--threads {args.threads}" + ("" if args.trained_r == 8 else f" --trained-r {args.trained_r}") \
+        + ("" if stem == "tome" else f" --out benchmarks/{stem}")
     tokens = data["tokens"]
     lines = [
         "# ToMe on a ViT student: top-1 and host latency", "",
@@ -299,14 +338,18 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
         "(ToMe off the shelf: the student was trained without merging; later blocks clamped to half their tokens "
         f"as the reference does); LSH = {data['bits']}-bit random-hyperplane codes of the keys; bucketed = cosine "
         f"within chunks of {data.get('bucket_size', 32)} tokens of a hash-sorted order (ONNX only: no TFLite form; "
-        "its top-1 is PyTorch's). Latency: batch 1, median ms of interleaved runs.", "",
+        "its top-1 is PyTorch's). Latency: batch 1, median ms of interleaved runs."
+        + (f" *ViT trained at r={data['trained_r']}*: the same student distilled with merging at r = "
+           f"{data['trained_r']} in every training step (`student.tome_r`, ToMe §4), from the same teacher "
+           f"({data['trained_distill_min']:.0f} min), then exported at each r with the exact matcher "
+           "(the same graphs as the off-the-shelf files, other weights)." if data.get("trained_r") else ""), "",
     ]
     head = "| model | top-1 fp32 % | top-1 int8 % |" + "".join(
         f" PyTorch {t}T | ORT {t}T | LiteRT fp32 {t}T | LiteRT int8 {t}T |" for t in threads)
     lines += [head, "|" + "---|" * (3 + 4 * len(threads))]
     fmt = lambda v: f"{v:.3f}" if v is not None else "–"  # noqa: E731
     pct = lambda v: f"{v:.2f}" if v is not None else "–"  # noqa: E731
-    for label, *_ in rows:
+    for label, *_ in rows:  # Row fields: label, r, matcher, stem, export_dir, base
         t1 = top1[label]
         cells = [pct(t1.get("fp32", t1.get("torch"))), pct(t1.get("int8"))]
         for t in threads:
@@ -321,25 +364,31 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     t0 = str(threads[0])
 
-    def speedup(label: str, rt: str) -> str:
+    def speedup(label: str, base: str, rt: str) -> str:
         ms = lat.get(f"{label}|{rt}", {}).get(t0)
-        return f"{lat[f'ViT r=0|{rt}'][t0] / ms:.2f}×" if ms else "–"
+        return f"{lat[f'{base}|{rt}'][t0] / ms:.2f}×" if ms else "–"
 
-    lines += ["", f"Speed-up over r = 0 at {threads[0]} thread, top-1 change, and the matching step (one block, "
-              "batch 1, PyTorch, 1 thread; match = scores + argmax + sort, merge = the row selects and adds):", "",
-              "| r | matcher | LiteRT int8 speed-up | ORT speed-up | PyTorch speed-up | Δ top-1 int8 (PyTorch for "
-              "bucketed), pt | match ms | match + merge ms | match share of a PyTorch forward |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for label, r, m, _ in rows:
+    def top1_change(label: str, base: str, m: str) -> str:
+        key = "int8" if m != "bucketed" else "torch"
+        return f"{top1[label][key] - top1[base].get(key, top1[base]['fp32']):+.2f}"
+
+    lines += ["", f"Speed-up over the same student at r = 0 at {threads[0]} thread, top-1 change, and the matching "
+              "step (one block, batch 1, PyTorch, 1 thread; match = scores + argmax + sort, merge = the row selects "
+              "and adds):", "",
+              "| student | r | matcher | LiteRT int8 speed-up | ORT speed-up | PyTorch speed-up | Δ top-1 int8 (PyTorch "
+              "for bucketed) vs its r = 0, pt | vs the off-the-shelf r = 0, pt | match ms | match + merge ms | "
+              "match share of a PyTorch forward |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r, m, _, _, base in rows:
         if not r:
             continue
         mm = data["matching_ms"][str(r)]
         fwd = lat[f"{label}|torch"].get("1")
         share = f"{100 * data['depth'] * mm[m] / fwd:.1f} %" if fwd else "–"
-        key = "int8" if m != "bucketed" else "torch"
-        ref = top1["ViT r=0"][key] if key in top1["ViT r=0"] else top1["ViT r=0"]["fp32"]
-        lines.append(f"| {r} | {m} | {speedup(label, 'int8')} | {speedup(label, 'ort')} | {speedup(label, 'torch')} | "
-                     f"{top1[label][key] - ref:+.2f} | {mm[m]:.4f} | {mm[m + '_with_merge']:.4f} | {share} |")
+        student = "off the shelf" if base == "ViT r=0" else base.split(",")[0].removeprefix("ViT ")
+        lines.append(f"| {student} | {r} | {m} | {speedup(label, base, 'int8')} | {speedup(label, base, 'ort')} | "
+                     f"{speedup(label, base, 'torch')} | {top1_change(label, base, m)} | "
+                     f"{top1_change(label, 'ViT r=0', m)} | {mm[m]:.4f} | {mm[m + '_with_merge']:.4f} | {share} |")
     if data.get("eager_img_s"):
         sweep = list(next(iter(data["eager_img_s"].values())))
         lines += ["", "PyTorch eager throughput, images/s (1 thread, exact matcher, one batch of test images "
@@ -371,11 +420,14 @@ def plot(data: dict, rows: list, threads: int, path: Path) -> None:
 
     lat, top1 = data["latency_ms"], data["top1"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, marker in (("exact", "o"), ("lsh", "s")):  # bucketed has no LiteRT file
-        for rt, style in (("fp32", "-"), ("int8", "--")):
-            pts = [(lat[f"{label}|{rt}"][str(threads)], top1[label][rt], r) for label, r, mm, _ in rows
-                   if mm in (m, "none")]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=f"ViT {m} {rt}")
+    trained = f"ViT trained at r={data.get('trained_r')}, r=0"
+    for m, marker, base in (("exact", "o", "ViT r=0"), ("lsh", "s", "ViT r=0"), ("exact", "P", trained)):
+        for rt, style in (("fp32", "-"), ("int8", "--")):  # bucketed has no LiteRT file
+            pts = [(lat[f"{row.label}|{rt}"][str(threads)], top1[row.label][rt], row.r) for row in rows
+                   if row.base == base and row.matcher in (m, "none")]
+            if pts:
+                name = f"ViT {m}" if base == "ViT r=0" else base.split(",")[0]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=f"{name} {rt}")
             for x, y, r in pts:
                 ax.annotate(f"r={r}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for name, rt, marker in (("MobileNetV2 student", "int8", "^"), ("MobileNetV2 student", "fp32", "v"),

@@ -245,3 +245,39 @@ def test_tome_profile_times_each_part_of_a_merging_block(tmp_path):
     assert row["score_macs"] == {"exact": 99 * 98 * 32, "bucketed": 7 * 32 * 32 * 32}
     md = (tmp_path / "tp.md").read_text()
     assert 0 < row["match_share"] < 1 and "| ViT 6×96 | 197 |" in md and "Bucketed LSH against exact" in md
+
+
+def test_tome_table_sets_a_student_trained_with_merging_against_its_own_r0():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import argparse
+    from pathlib import Path
+
+    import tome
+
+    from edgekd.export import _tome_roles
+
+    # the file names tome.py reads are the ones `edgekd export --tome-sweep` writes: the student's own
+    # setting is `student`, so a student trained at r = 8 has an r = 0 file and no r = 8 one
+    for own in (0, 8):
+        ckpt = {"arch": "vit", "image_size": 56, "model_kwargs": {"patch_size": 4, "depth": 12, "tome_r": own}}
+        written = set(_tome_roles(ckpt, Path("s.pt"), (0, 8, 16), ("exact", "lsh"), 16)) | {"student"}
+        assert {tome.tome_stem(r, m, own) for r in (0, 8, 16) for m in ("exact", "lsh") if r or m == "exact"} == written
+    rows = [tome.Row("ViT r=0", 0, "none", "student", Path("a"), "ViT r=0"),
+            tome.Row("ViT r=8 exact", 8, "exact", "student-tome-r8-exact", Path("a"), "ViT r=0"),
+            tome.Row("ViT trained at r=8, r=0", 0, "none", "student-tome-r0-none", Path("b"), "ViT trained at r=8, r=0"),
+            tome.Row("ViT trained at r=8, r=8 exact", 8, "exact", "student", Path("b"), "ViT trained at r=8, r=0")]
+    ms = {"ViT r=0": 10.0, "ViT r=8 exact": 8.0, "ViT trained at r=8, r=0": 12.0, "ViT trained at r=8, r=8 exact": 6.0}
+    data = {"latency_ms": {f"{k}|{rt}": {"1": v} for k, v in ms.items() for rt in ("torch", "ort", "fp32", "int8")},
+            "top1": {"ViT r=0": {"fp32": 60.0, "int8": 59.0}, "ViT r=8 exact": {"fp32": 60.0, "int8": 58.5},
+                     "ViT trained at r=8, r=0": {"fp32": 63.0, "int8": 62.0},
+                     "ViT trained at r=8, r=8 exact": {"fp32": 63.0, "int8": 62.5}},
+            "matching_ms": {"8": {"exact": 0.1, "exact_with_merge": 0.2}}, "depth": 12, "tokens": 197,
+            "embed_dim": 96, "bits": 16, "recipe": "r.yaml", "run_dir": "d", "distill_min": 1.0, "trained_r": 8,
+            "trained_distill_min": 2.0, "machine": "m", "wall_s": 60.0, "load_1m": 0.1, "test_images": 100,
+            "scaling": []}
+    args = argparse.Namespace(sweep="0,8", bits=16, threads="1", trained_r=8)
+    md = tome.render(data, rows, args, [1])
+    # each student's speed-up and top-1 change are over its own r = 0 (12 / 6 ms, 62.5 - 62.0), and
+    # the trained one's change is also given against the off-the-shelf r = 0 (62.5 - 59.0)
+    assert "| off the shelf | 8 | exact | 1.25× | 1.25× | 1.25× | -0.50 | -0.50 |" in md
+    assert "| trained at r=8 | 8 | exact | 2.00× | 2.00× | 2.00× | +0.50 | +3.50 |" in md
