@@ -97,11 +97,17 @@ def _plot_budget(cells: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    # one colour per row (its thresholds and cap), one line style per seed: 13+ lines stay readable
+    names = list(dict.fromkeys(k.rsplit("|", 1)[0] for k in rows))
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     for key, c in rows.items():
+        name, seed = key.rsplit("|", 1)
+        style = dict(color=colours[name], linestyle=("-", "--", ":", "-.")[int(seed) % 4], marker=".")
         epochs = range(1, len(c["switches_per_epoch"]) + 1)
-        a.plot(epochs, c["switches_per_epoch"], marker=".", label=key)
-        b.plot(epochs, c["val_per_epoch"], marker=".", label=key)
-    a.set(xlabel="epoch", ylabel="switches so far", title="HARD switches against the budget")
+        a.plot(epochs, c["switches_per_epoch"], label=name.replace("|", " ") if seed == "0" else None, **style)
+        b.plot(epochs, c["val_per_epoch"], **style)
+    a.set(xlabel="epoch", ylabel="switches so far (pool = 1 + augmentor phases ended)",
+          title="HARD switches against the budget (line style: seed 0 — 1 -- 2 :)")
     b.set(xlabel="epoch", ylabel="validation top-1 % (centred)", title="validation top-1")
     a.legend(fontsize=6)
     fig.tight_layout()
