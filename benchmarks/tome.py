@@ -71,15 +71,16 @@ def tome_stem(r: int, matcher: str, own_r: int = 0) -> str:
     return f"student-tome-r{r}-{matcher if r else 'none'}"
 
 
-def ensure_export(run_dir: Path, sweep: tuple[int, ...], bits: int, own_r: int = 0) -> dict:
+def ensure_export(run_dir: Path, sweep: tuple[int, ...], bits: int, own_r: int = 0,
+                  matchers: tuple[str, ...] = ("exact", "lsh")) -> dict:
     report_path = run_dir / "export" / "export.json"
-    want = {f"{tome_stem(r, m, own_r)}_int8.tflite" for r in sweep for m in ("exact", "lsh") if r or m == "exact"}
+    want = {f"{tome_stem(r, m, own_r)}_int8.tflite" for r in sweep for m in matchers if r or m == "exact"}
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         if want <= set(report["artifacts"]) and all(
                 a.get("tome", {}).get("bits", bits) == bits for a in report["artifacts"].values()):
             return report
-    return export(run_dir, int8=True, tome_r=sweep, tome_matchers=("exact", "lsh"), tome_bits=bits).report
+    return export(run_dir, int8=True, tome_r=sweep, tome_matchers=matchers, tome_bits=bits).report
 
 
 def torch_invoke(model: torch.nn.Module, x: torch.Tensor):
@@ -216,7 +217,9 @@ def main() -> None:
     if trained_dir:  # ToMe §4: trained with merging, it loses less when merging; the teacher is shared
         ensure_run(Path(args.recipe), trained_dir, {"student.tome_r": args.trained_r,
                                                     "teacher.checkpoint": str(run_dir / "teacher_best.pt")})
-        trained_report = ensure_export(trained_dir, sweep, args.bits, own_r=args.trained_r)
+        # exact only: its rows are (and its r = 16 LSH ONNX file failed the ToMe parity rule, 98.83 %
+        # top-1 agreement with PyTorch on 256 images against 99 %)
+        trained_report = ensure_export(trained_dir, sweep, args.bits, own_r=args.trained_r, matchers=("exact",))
     ref = Path(args.reference)
     if not (ref / "export" / "student_int8.tflite").is_file():
         from edgekd.pipeline import run as run_pipeline
