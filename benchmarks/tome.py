@@ -61,6 +61,7 @@ class Row(NamedTuple):
     stem: str  # artifact stem in export_dir
     export_dir: Path
     base: str  # the label of the same student at r = 0
+    student: str  # which student: "off the shelf" or "trained at r=R"
 
 
 def tome_stem(r: int, matcher: str, own_r: int = 0) -> str:
@@ -248,13 +249,15 @@ def main() -> None:
             if r == 0 and m != "exact":
                 continue
             stem = tome_stem(r, m)
-            rows.append(Row(f"ViT r={r}" + (f" {m}" if r else ""), r, m if r else "none", stem, export_dir, "ViT r=0"))
+            rows.append(Row(f"ViT r={r}" + (f" {m}" if r else ""), r, m if r else "none", stem, export_dir, "ViT r=0",
+                            "off the shelf"))
     if trained_dir:
         name = f"ViT trained at r={args.trained_r}"
         rows += [Row(f"{name}, r={r}" + (" exact" if r else ""), r, "exact" if r else "none",
-                     tome_stem(r, "exact", args.trained_r), trained_dir / "export", f"{name}, r=0") for r in sweep]
+                     tome_stem(r, "exact", args.trained_r), trained_dir / "export", f"{name}, r=0",
+                     f"trained at r={args.trained_r}") for r in sweep]
     bucketed_top1 = {}
-    for label, r, m, stem, _, _ in rows:
+    for label, r, m, stem, *_ in rows:
         if m == "bucketed":
             model = apply_tome(copy.deepcopy(vit), r, m, args.bits)
             bucketed_top1[label] = torch_top1(model, run_dir)
@@ -267,7 +270,7 @@ def main() -> None:
     for th in threads:
         torch.set_num_threads(th)
         calls = {}
-        for label, r, m, stem, files, base in rows:
+        for label, r, m, stem, files, *_ in rows:
             model = copy.deepcopy(vit if files == export_dir else trained)
             if r:
                 apply_tome(model, r, m, args.bits)
@@ -287,7 +290,7 @@ def main() -> None:
 
     arts = report["artifacts"]
     top1 = {}
-    for label, r, m, stem, files, _ in rows:
+    for label, r, m, stem, files, *_ in rows:
         if m == "bucketed":
             top1[label] = {"torch": bucketed_top1[label]}
             continue
@@ -352,7 +355,7 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
     lines += [head, "|" + "---|" * (3 + 4 * len(threads))]
     fmt = lambda v: f"{v:.3f}" if v is not None else "–"  # noqa: E731
     pct = lambda v: f"{v:.2f}" if v is not None else "–"  # noqa: E731
-    for label, *_ in rows:  # Row fields: label, r, matcher, stem, export_dir, base
+    for label, *_ in rows:
         t1 = top1[label]
         cells = [pct(t1.get("fp32", t1.get("torch"))), pct(t1.get("int8"))]
         for t in threads:
@@ -382,13 +385,12 @@ def render(data: dict, rows: list, args: argparse.Namespace, threads: list[int],
               "for bucketed) vs its r = 0, pt | vs the off-the-shelf r = 0, pt | match ms | match + merge ms | "
               "match share of a PyTorch forward |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for label, r, m, _, _, base in rows:
+    for label, r, m, _, _, base, student in rows:
         if not r:
             continue
         mm = data["matching_ms"][str(r)]
         fwd = lat[f"{label}|torch"].get("1")
         share = f"{100 * data['depth'] * mm[m] / fwd:.1f} %" if fwd else "–"
-        student = "off the shelf" if base == "ViT r=0" else base.split(",")[0].removeprefix("ViT ")
         lines.append(f"| {student} | {r} | {m} | {speedup(label, base, 'int8')} | {speedup(label, base, 'ort')} | "
                      f"{speedup(label, base, 'torch')} | {top1_change(label, base, m)} | "
                      f"{top1_change(label, 'ViT r=0', m)} | {mm[m]:.4f} | {mm[m + '_with_merge']:.4f} | {share} |")
@@ -429,7 +431,8 @@ def plot(data: dict, rows: list, threads: int, path: Path) -> None:
             pts = [(lat[f"{row.label}|{rt}"][str(threads)], top1[row.label][rt], row.r) for row in rows
                    if row.base == base and row.matcher in (m, "none")]
             if pts:
-                name = f"ViT {m}" if base == "ViT r=0" else base.split(",")[0]
+                student = next(row.student for row in rows if row.base == base)
+                name = f"ViT {m}" if student == "off the shelf" else f"ViT {student}"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, label=f"{name} {rt}")
             for x, y, r in pts:
                 ax.annotate(f"r={r}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -199,6 +199,8 @@ def export(
                                          "block (fixed shapes); auto: the schedule measured fastest on this host "
                                          "within --tome-max-drop of r = 0 on validation (or none)"),
     tome_max_drop: float = typer.Option(0.5, help="--tome-r auto: validation top-1 points a schedule may lose"),
+    tome_threads: int = typer.Option(1, help="--tome-r auto: LiteRT threads to time with, as the deployment "
+                                     "will run (merging can pay at 1 thread and cost at 2)"),
     tome_sweep: str = typer.Option("", help="ViT: comma-separated r values to export, e.g. 0,2,4,8"),
     tome_matcher: str = typer.Option("exact", help="ToMe matcher(s), comma-separated: exact, lsh, bucketed "
                                      "(cosine within LSH buckets; ONNX only)"),
@@ -217,7 +219,8 @@ def export(
                                 converter=converter, samples=samples,
                                 tome_r=_int_list(tome_sweep, "--tome-sweep") + fixed,
                                 tome_matchers=tuple(m.strip() for m in tome_matcher.split(",") if m.strip()),
-                                tome_bits=tome_bits, tome_auto=auto, tome_max_drop=tome_max_drop)
+                                tome_bits=tome_bits, tome_auto=auto, tome_max_drop=tome_max_drop,
+                                tome_threads=tome_threads)
     table = Table(title=f"edgekd export: {result.export_dir}")
     table.add_column("artifact", no_wrap=True, min_width=22)
     for col in ("size KB", "convert s", "max |dlogit|", "agree %", "test top-1 %"):
@@ -229,9 +232,13 @@ def export(
     console.print(table)
     auto_choice = result.report.get("tome_auto")
     if auto_choice:
-        console.print(f"--tome-r auto: {auto_choice['reason']}; schedule {auto_choice['schedule']}", highlight=False)
+        console.print(f"--tome-r auto ({auto_choice['threads']} thread(s)): {auto_choice['reason']}; schedule "
+                      f"{auto_choice['schedule']}", highlight=False)
     if result.int8_drop is not None:
         console.print(f"int8 vs fp32 top-1 drop: {result.int8_drop:+.2f} pt (limit {max_int8_drop} pt)")
+    if result.refused:  # after the table: what was written is shown, then why the rest was not
+        raise _fail(EdgekdError("; ".join(result.refused.values()) + " (every other file and export.json are "
+                                "written)"), 1)
     if result.int8_drop_exceeded:
         raise _fail(EdgekdError(f"int8 student loses {result.int8_drop:.2f} pt top-1 against fp32, more than "
                                 f"--max-int8-drop {max_int8_drop}"), 1)

@@ -262,10 +262,11 @@ def test_tome_table_sets_a_student_trained_with_merging_against_its_own_r0():
         ckpt = {"arch": "vit", "image_size": 56, "model_kwargs": {"patch_size": 4, "depth": 12, "tome_r": own}}
         written = set(_tome_roles(ckpt, Path("s.pt"), (0, 8, 16), ("exact", "lsh"), 16)) | {"student"}
         assert {tome.tome_stem(r, m, own) for r in (0, 8, 16) for m in ("exact", "lsh") if r or m == "exact"} == written
-    rows = [tome.Row("ViT r=0", 0, "none", "student", Path("a"), "ViT r=0"),
-            tome.Row("ViT r=8 exact", 8, "exact", "student-tome-r8-exact", Path("a"), "ViT r=0"),
-            tome.Row("ViT trained at r=8, r=0", 0, "none", "student-tome-r0-none", Path("b"), "ViT trained at r=8, r=0"),
-            tome.Row("ViT trained at r=8, r=8 exact", 8, "exact", "student", Path("b"), "ViT trained at r=8, r=0")]
+    shelf, trained = ("ViT r=0", "off the shelf"), ("ViT trained at r=8, r=0", "trained at r=8")
+    rows = [tome.Row("ViT r=0", 0, "none", "student", Path("a"), *shelf),
+            tome.Row("ViT r=8 exact", 8, "exact", "student-tome-r8-exact", Path("a"), *shelf),
+            tome.Row("ViT trained at r=8, r=0", 0, "none", "student-tome-r0-none", Path("b"), *trained),
+            tome.Row("ViT trained at r=8, r=8 exact", 8, "exact", "student", Path("b"), *trained)]
     ms = {"ViT r=0": 10.0, "ViT r=8 exact": 8.0, "ViT trained at r=8, r=0": 12.0, "ViT trained at r=8, r=8 exact": 6.0}
     data = {"latency_ms": {f"{k}|{rt}": {"1": v} for k, v in ms.items() for rt in ("torch", "ort", "fp32", "int8")},
             "top1": {"ViT r=0": {"fp32": 60.0, "int8": 59.0}, "ViT r=8 exact": {"fp32": 60.0, "int8": 58.5},
