@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -164,7 +165,10 @@ def zero_dead_channels(model: nn.Module, rel_var: float = 1e-6) -> int:
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, dynamic_batch: bool = False) -> None:
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # ToMe's per-block r and chunk sizes are Python ints of the token count, which is static: the
+        # trace fixing them is what is wanted, so the tracer's warnings about it are noise to a user
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model, (sample,), str(tmp), opset_version=17, dynamo=False, input_names=["input"],
             output_names=["logits"],
