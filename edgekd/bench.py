@@ -239,6 +239,11 @@ def tome_models(export_dir: Path, sweep: tuple[int, ...]) -> tuple[str, ...]:
         names += sorted(p.name for p in export_dir.glob(f"student-tome-r{r}-*.tflite"))
         names = [n for n in names if (export_dir / n).is_file()]
         if not names:
+            report = export_dir / "export.json"
+            refused = json.loads(report.read_text()).get("refused", {}) if report.is_file() else {}
+            why = [w for role, w in refused.items() if role.startswith(f"student-tome-r{r}-")]
+            if why:
+                raise EdgekdError(f"{export_dir} has no ToMe r={r} files: export refused them: {why[0]}")
             wanted = ",".join(str(v) for v in sweep)
             raise EdgekdError(f"{export_dir} has no ToMe r={r} files; run 'edgekd export RUN --int8 "
                               f"--tome-sweep {wanted} --tome-matcher exact,lsh' first")

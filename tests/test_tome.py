@@ -345,6 +345,9 @@ def test_a_tome_file_that_fails_parity_is_refused_without_losing_the_other_files
     assert ">= 99 %" in report["refused"]["student-tome-r4-lsh"]
     assert not (run / "export" / "student-tome-r4-lsh.onnx").exists()
     assert not (run / "export" / "student-tome-r4-lsh.model.json").exists()
+    # the bench says why there is nothing to bench at that r
+    msg = one_line_error(CliRunner().invoke(app, ["bench", str(run / "export"), "--tome-sweep", "4"]))
+    assert "has no ToMe r=4 files: export refused them: student-tome-r4-lsh.onnx merges other tokens" in msg
 
 
 def test_auto_r_picks_the_fastest_schedule_within_the_drop_and_never_a_slower_one() -> None:
