@@ -513,7 +513,7 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = ("onnx", "tflite")
             "mean": mean, "std": std,
             "int8_quantization": {"input": int8_io["input_quantization"], "output": int8_io["output_quantization"]}
             if int8_io else None,
-            "tome": tome or (_trained_tome(ckpt) if role == "student" else None),
+            "tome": tome or own,
             "source_checkpoint": source.name, "source_sha256": _sha256(source),
             "edgekd_version": __version__, "artifacts": [n for n, a in artifacts.items() if a["model"] == role],
         })
