@@ -17,8 +17,8 @@ import time
 import torch
 
 from edgekd.data import TensorSplit, load_dataset
-from edgekd.distill.distiller import Distiller
-from edgekd.distill.methods import METHODS
+from edgekd.distiller import Distiller
+from edgekd.losses.methods import METHODS
 from edgekd.distill.stage import resolve_device
 from edgekd.models import build_model, pair_stages, stage_shapes, tap_candidates
 from edgekd.recipe import AugmentConfig, DataConfig, DistillConfig, TrainConfig

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from edgekd.checkpoint import load_checkpoint
 from edgekd.data import gather, load_dataset
 from edgekd.export import export, tflite_runner
 from edgekd.recipe import recipe_from_dict
+from edgekd.runner import time_invokes
 from edgekd.train import prepare_batch
 
 VARIANTS = ("fp32", "int8", "fp16", "dynamic")
@@ -36,14 +36,7 @@ def invoke_ms(path: Path, threads: int, runs: int, warmup: int = 20) -> float:
     it.allocate_tensors()
     inp = it.get_input_details()[0]
     it.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
-    for _ in range(warmup):
-        it.invoke()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        it.invoke()
-        times.append(time.perf_counter_ns() - t0)
-    return float(np.median(times)) / 1e6
+    return float(np.median(time_invokes(it.invoke, warmup, runs)))  # the board's own timing loop
 
 
 def main() -> None:

@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgekd.checkpoint import load_checkpoint, write_json  # noqa: E402
 from edgekd.data import load_dataset  # noqa: E402
-from edgekd.distill.distiller import Distiller  # noqa: E402
-from edgekd.distill.methods import METHODS  # noqa: E402
-from edgekd.distill.stage import _new_student, build_from_checkpoint  # noqa: E402
+from edgekd.distiller import Distiller  # noqa: E402
+from edgekd.losses.methods import METHODS  # noqa: E402
+from edgekd.distill.stage import _new_student  # noqa: E402
+from edgekd.models import build_from_checkpoint  # noqa: E402
 from edgekd.models import pair_stages, stage_shapes, tap_candidates  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
 from edgekd.train import make_optimizer, make_scheduler, prepare_batch  # noqa: E402

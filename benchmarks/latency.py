@@ -10,7 +10,7 @@ does not depend on the weight values — exported to ONNX and, with onnx2tf as `
 does, to fp32 TFLite and to int8 TFLite calibrated on real training images. Then, for 1 and 2
 threads: the median of a bare ``invoke()`` loop in LiteRT and of ``session.run`` in onnxruntime,
 interleaved round-robin so that a noisy neighbour hits every model alike. Last, the runner
-(``deploy/edgekd_runner.py``, as ``edgekd bench`` starts it) times the int8 student and its p50
+(``edgekd/runner.py``, as ``edgekd bench`` starts it) times the int8 student and its p50
 is compared with the bare loop's. Goals: int8 student >= 25x faster than the fp32 teacher;
 runner overhead <= 5 %.
 """
@@ -25,14 +25,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgekd.runner import time_invokes
+
 REPO = Path(__file__).resolve().parents[1]
-RUNNER = REPO / "deploy" / "edgekd_runner.py"
+RUNNER = REPO / "edgekd" / "runner.py"
 
 
 def litert_invoke(path: Path, threads: int):
@@ -59,17 +60,13 @@ def ort_invoke(path: Path, threads: int):
 def time_round_robin(calls: dict[str, object], runs: int, warmup: int, rounds: int = 10) -> dict[str, float]:
     """Median ms per call; each model gets ``runs`` calls, in ``rounds`` interleaved blocks."""
     for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[int]] = {k: [] for k in calls}
+        time_invokes(fn, warmup, 0)
+    times: dict[str, list[float]] = {k: [] for k in calls}
     block = max(1, runs // rounds)
     for _ in range(rounds):
         for name, fn in calls.items():
-            for _ in range(block):
-                t0 = time.perf_counter_ns()
-                fn()
-                times[name].append(time.perf_counter_ns() - t0)
-    return {k: statistics.median(v) / 1e6 for k, v in times.items()}
+            times[name] += time_invokes(fn, 0, block)  # the board's own timing loop
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def build_files(recipe_path: Path, work: Path, calib: int) -> tuple[dict[str, Path], dict]:
@@ -140,7 +137,7 @@ def main() -> None:
             files = {n: args.export / n for n in names if (args.export / n).is_file()}
             meta = args.export / "student.model.json"
             desc = {"export": str(args.export)}
-            from edgekd.bench import _bundle  # the bench's own samples
+            from edgekd.bench.bundle import make_bundle as _bundle  # the bench's own samples
 
             with tarfile.open(fileobj=io.BytesIO(_bundle(args.export, ("student_int8.tflite",), 50, 0))) as tar:
                 tar.extractall(work, filter="data")

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import litert_invoke, ort_invoke, time_round_robin  # noqa: E402
 
 from edgekd.checkpoint import load_checkpoint, write_json, write_text  # noqa: E402
-from edgekd.distill.stage import build_from_checkpoint, distill  # noqa: E402
+from edgekd.distill.stage import distill  # noqa: E402
+from edgekd.models import build_from_checkpoint  # noqa: E402
 from edgekd.export import export  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
 from edgekd.tome import MATCHERS, apply_tome, bipartite_soft_matching, merge_wavg  # noqa: E402

@@ -190,7 +190,7 @@ def merge_ceiling(run_dir: Path, sweep: tuple[int, ...], runs: int) -> dict:
 
     import edgekd.tome.patch as tome_patch
     from edgekd.checkpoint import load_checkpoint
-    from edgekd.distill.stage import build_from_checkpoint
+    from edgekd.models import build_from_checkpoint
     from edgekd.export import export_tflite_int8
 
     missing = [p for p in [run_dir / "student_best.pt", run_dir / "export" / "student_int8.tflite"] + [

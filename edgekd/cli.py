@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgekd.errors import EdgekdError
+from edgekd.recipe import BenchConfig, ExportConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil an image classifier to a small student for Raspberry-Pi-class boards.")
@@ -111,7 +112,18 @@ class _RichProgress:
                       f"{row['img_per_s']:,.0f} img/s", highlight=False)
 
 
-_RECIPE = typer.Argument(..., help="recipe YAML, e.g. recipes/fashion_mnist_quick.yaml")
+def _help(model: type, name: str) -> str:
+    return model.model_fields[name].description or ""
+
+
+def _option(model: type, name: str, *decls: str, help: str | None = None) -> Any:  # noqa: A002 - typer's word
+    """A flag whose default and help text are the recipe field's: declared once, in edgekd.recipe."""
+    field = model.model_fields[name]
+    return typer.Option(field.get_default(call_default_factory=True), *decls, help=help or field.description)
+
+
+_RECIPE = typer.Argument(..., help="a shipped recipe's name (edgekd recipes), e.g. fashion_mnist_quick, or a "
+                         "recipe YAML file")
 _OUT = typer.Option(None, "--out", "-o", help="run directory [default: runs/<recipe name>]")
 
 
@@ -187,14 +199,16 @@ def distill(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a run directory written by 'edgekd distill'"),
-    formats: str = typer.Option("onnx,tflite", help="comma-separated: onnx, tflite (fp32), fp16, dynamic"),
-    int8: bool = typer.Option(True, "--int8/--no-int8", help="also write the full-integer int8 student TFLite"),
-    calib: int = typer.Option(500, help="training images to calibrate int8 with"),
-    max_int8_drop: float = typer.Option(1.0, help="exit 1 when int8 loses more top-1 points than this vs fp32"),
+    formats: str = typer.Option(",".join(ExportConfig().formats), help="comma-separated: onnx, tflite (fp32), fp16, "
+                                "dynamic; " + _help(ExportConfig, "formats")),
+    int8: bool = _option(ExportConfig, "int8", "--int8/--no-int8"),
+    calib: int = _option(ExportConfig, "calib"),
+    max_int8_drop: float = _option(ExportConfig, "max_int8_drop", help="exit 1 when int8 loses more top-1 points "
+                                   "than this vs fp32"),
     dynamic_batch: bool = typer.Option(False, help="also write ONNX files with a dynamic batch axis"),
-    converter: str = typer.Option("auto", help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
+    converter: str = typer.Option(ExportConfig().converter, help="TFLite converter: onnx2tf (TensorFlow, NHWC input) or "
                                   "litert-torch (no TensorFlow, NCHW input); auto: litert-torch for ViT students"),
-    samples: int = typer.Option(1000, help="test images (with labels) stored in the export dir for the bench"),
+    samples: int = _option(ExportConfig, "samples"),
     tome_r: Optional[str] = typer.Option(None, help="ViT: also export the student with ToMe merging R tokens per "
                                          "block (fixed shapes); auto: the schedule measured fastest on this host "
                                          "within --tome-max-drop of r = 0 on validation (or none)"),
@@ -322,18 +336,18 @@ _ACCEPT_NEW = typer.Option(False, help="trust and record the host key of a board
 @app.command()
 def bench(
     export_dir: Path = typer.Argument(..., help="an export directory written by 'edgekd export', e.g. runs/x/export"),
-    device: str = typer.Option("local", help="device profile: local, rpi4, rpi5, generic-arm64"),
+    device: str = _option(BenchConfig, "device", help="device profile: local, rpi4, rpi5, generic-arm64"),
     host: list[str] = typer.Option([], help=_HOST_HELP),
     port: Optional[int] = _PORT,
     identity: Optional[Path] = _IDENTITY,
     known_hosts: Optional[Path] = _KNOWN_HOSTS,
     accept_new_host_key: bool = _ACCEPT_NEW,
-    python: Optional[str] = typer.Option(None, help="Python on the board [default: python3]"),
-    threads: Optional[int] = typer.Option(None, help="interpreter threads [default: the profile's]"),
-    runs: int = typer.Option(200, help="timed invokes per model"),
-    warmup: int = typer.Option(20, help="untimed invokes first"),
-    samples: int = typer.Option(500, help="test images scored on the board"),
-    timeout: float = typer.Option(300, help="seconds each model may run on the board"),
+    python: Optional[str] = _option(BenchConfig, "python"),
+    threads: Optional[int] = _option(BenchConfig, "threads", help="interpreter threads [default: the profile's]"),
+    runs: int = _option(BenchConfig, "runs"),
+    warmup: int = _option(BenchConfig, "warmup"),
+    samples: int = _option(BenchConfig, "samples"),
+    timeout: float = _option(BenchConfig, "timeout"),
     remote_tmp: str = typer.Option("/tmp", help="folder on the board for the temporary bundle"),
     tome_sweep: str = typer.Option("", help="ViT: also bench the ToMe files for these r, e.g. 0,2,4,8 "
                                    "(written by 'edgekd export --tome-sweep'); auto: time every int8 ToMe file "
@@ -431,6 +445,28 @@ def run(
         code = 1
     console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'export' / 'report.md'})")
     raise typer.Exit(code)
+
+
+@app.command()
+def recipes(name: Optional[str] = typer.Argument(None, help="print this recipe's YAML, e.g. to start your own "
+                                                 "from: edgekd recipes fashion_mnist_quick > my.yaml")) -> None:
+    """List the recipes that ship with edgekd (give a name to run or distil one), or print one."""
+    from edgekd.recipe import resolve_recipe, shipped_recipes
+
+    if name is not None:
+        with _user_errors("nothing was written"):
+            if name.removesuffix(".yaml") not in shipped_recipes():
+                raise EdgekdError(f"no shipped recipe '{name}'; choose one of {', '.join(shipped_recipes())}")
+            text = resolve_recipe(name.removesuffix(".yaml")).read_text()
+        typer.echo(text, nl=False)  # plain text, so it can be redirected into a file as it is
+        return
+
+    table = Table(title="edgekd recipes (edgekd run NAME, or a YAML file of your own)", box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is")
+    for name, text in shipped_recipes().items():
+        table.add_row(name, text)
+    console.print(table)
 
 
 @app.command()

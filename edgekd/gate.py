@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekd.bench import BENCH_SCHEMA
+from edgekd.artifacts import BENCH_SCHEMA
 from edgekd.errors import EdgekdError
 from edgekd.recipe import GateConfig
 

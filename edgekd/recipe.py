@@ -7,6 +7,7 @@ Unknown keys and wrong types are refused with one line that names the key and th
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekd.augment import AUGMENTORS  # the registries are the source of valid names
-from edgekd.distill.methods import METHODS
+from edgekd.losses.methods import METHODS
 from edgekd.errors import EdgekdError
 
 
@@ -63,6 +64,9 @@ class TeacherConfig(_Strict):
     weights: str | None = Field(None, description="your own weights for teacher.arch: a state dict (.pt/.pth), "
                                 ".safetensors, or a checkpoint holding one; epochs 0 uses them as they are, "
                                 "epochs > 0 fine-tunes them (a head of another class count is then replaced)")
+    weights_key: str | None = Field(None, description="the checkpoint key of the state dict to load from "
+                                    "teacher.weights when the file holds several, e.g. state_dict_ema (timm's EMA) "
+                                    "or model_ema; None = state_dict / model / model_state_dict / module")
     checkpoint: str | None = Field(None, description="use this trained teacher instead of training one")
     epochs: int = Field(30, ge=0, description="teacher training epochs (0 with pretrained or weights: use as is)")
     lr: float | None = Field(None, gt=0, description="teacher learning rate; None = train.lr")
@@ -87,6 +91,7 @@ class StudentConfig(_Strict):
                       "timm/<name> or torchvision/<name> (`edgekd models`)")
     weights: str | None = Field(None, description="warm start: your own weights for student.arch (as teacher.weights; "
                                 "a head of another class count is replaced)")
+    weights_key: str | None = Field(None, description="as teacher.weights_key, for student.weights")
     width_mult: float = Field(1.0, gt=0, le=2.0, description="MobileNetV2 channel multiplier")
     epochs: int = Field(30, ge=1, description="student training epochs")
     embed_dim: int = Field(64, ge=8, description="vit: token width")
@@ -131,6 +136,19 @@ class HardConfig(_Strict):
                                   "augmentor is saved and the student trains (None: the paper's rule, no cap)")
 
 
+class QatConfig(_Strict):
+    """Quantization-aware fine-tuning of the converged student against the same teacher and
+    method, with the int8 converter's own fake quantisation (PT2E, litert-torch's quantizer)."""
+
+    epochs: float = Field(0.0, ge=0, description="QAT epochs after the float student (fractions allowed); 0 = off, "
+                          "the int8 file is post-training quantised")
+    lr: float | None = Field(None, gt=0, description="QAT peak learning rate (cosine to 0); None = train.lr / 100")
+    freeze_bn_after: float = Field(0.5, ge=0, le=1, description="share of the QAT steps after which BatchNorm "
+                                   "statistics are frozen (and dropout is off)")
+    freeze_observers_after: float = Field(0.75, ge=0, le=1, description="share of the QAT steps after which the "
+                                          "quantisation ranges are frozen")
+
+
 class DistillConfig(_Strict):
     """How the student learns from the teacher: the method and its loss weights."""
 
@@ -148,6 +166,7 @@ class DistillConfig(_Strict):
     augment: str | None = Field(None, description="HARD augmentor trained against the student: hard-affine, "
                                 "hard-mix, hard-vae; None = no HARD")
     hard: HardConfig = Field(default_factory=HardConfig)
+    qat: QatConfig = Field(default_factory=QatConfig)
 
 
 class TrainConfig(_Strict):
@@ -241,11 +260,35 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def shipped_recipes() -> dict[str, str]:
+    """The recipes that ship inside the package: name -> its first comment line (what it is for)."""
+    out = {}
+    for entry in sorted(resources.files("edgekd").joinpath("recipes").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            first = next((ln.lstrip("# ").strip() for ln in entry.read_text().splitlines() if ln.startswith("#")), "")
+            out[entry.name.removesuffix(".yaml")] = first
+    return out
+
+
+def resolve_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: ``name_or_path`` itself when it is a file, else the shipped recipe of that
+    name (``fashion_mnist_quick``, with or without ``.yaml``); anything else is one line naming them."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    names = shipped_recipes()
+    if str(name_or_path).removesuffix(".yaml") == name and name in names:  # a bare name, not a missing path
+        with resources.as_file(resources.files("edgekd").joinpath("recipes", f"{name}.yaml")) as shipped:
+            return Path(shipped)
+    raise EdgekdError(f"recipe {name_or_path}: no such file, and no shipped recipe of that name; "
+                      f"give a YAML path or one of {', '.join(names)} (edgekd recipes)")
+
+
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe file, apply ``{'dotted.key': value}`` overrides, and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgekdError(f"recipe {path}: no such file; the shipped recipes are in recipes/")
+    """Read a recipe (a file, or a shipped recipe's name), apply ``{'dotted.key': value}``
+    overrides, and validate it."""
+    path = resolve_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -260,7 +303,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise EdgekdError(f"recipe {path}: {_first_error(e)}; fix it or see recipes/README.md") from None
+        raise EdgekdError(f"recipe {path}: {_first_error(e)}; fix it (every key: docs/reference/recipe.md)") from None
     for role, arch in (("teacher", recipe.teacher.arch), ("student", recipe.student.arch)):
         if "/" in arch:
             from edgekd.models.zoo import check_zoo_name
@@ -292,10 +335,10 @@ def _type_name(annotation: Any) -> str:
 
 
 def reference_markdown() -> str:
-    """recipes/README.md: every recipe key, its type, default and meaning, from the models above
-    (``python -m edgekd.recipe > recipes/README.md``; a test keeps the file equal to this)."""
+    """docs/reference/recipe.md: every recipe key, its type, default and meaning, from the models above
+    (``python -m edgekd.recipe > docs/reference/recipe.md``; a test keeps the file equal to this)."""
     lines = ["# Recipe reference", "",
-             "Generated from `edgekd/recipe.py` by `python -m edgekd.recipe > recipes/README.md`; do not edit.",
+             "Generated from `edgekd/recipe.py` by `python -m edgekd.recipe > docs/reference/recipe.md`; do not edit.",
              "A recipe is YAML read with `yaml.safe_load`; every key has a default, so a recipe only says what",
              "differs. Unknown keys and wrong types stop with one line naming the key. Override any key from the",
              "command line with `--set section.key=value`.", ""]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.checkpoint import atomic_path
-from edgekd.distill.losses import attention_map, match_spatial
+from edgekd.losses.terms import attention_map, match_spatial
 from edgekd.models import FeatureTaps, StagePair
 
 

@@ -17,9 +17,9 @@ from edgekd.augment.hard import HardTraining
 from edgekd.data import Split
 from edgekd.distributed import World, all_reduce_sum
 from edgekd.data.augment import augment_batch, shift_batch
-from edgekd.distill.distiller import Distiller
-from edgekd.distill.losses import warmup_scale
-from edgekd.distill.methods import TEACHER_TERMS, TERMS
+from edgekd.distiller import Distiller
+from edgekd.losses.terms import warmup_scale
+from edgekd.losses.methods import TEACHER_TERMS, TERMS
 from edgekd.recipe import AugmentConfig, TrainConfig
 
 
@@ -60,14 +60,15 @@ def prepare_batch(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.Optimizer, scheduler,
                     *, mean: torch.Tensor, std: torch.Tensor, aug: AugmentConfig, batch_size: int,
                     device: torch.device, seed: int, hard: HardTraining | None = None, world: World = World(),
-                    first_step: int = 0, warmup_steps: int = 0,
+                    first_step: int = 0, warmup_steps: int = 0, max_steps: int | None = None,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``.
     With ``hard`` (HARD), augmentor iterations take the batch in augmentor phases, and student
     iterations add HARD's term on augmented images to the method's terms. Under DDP every rank
     draws the same global batch and augmentation and trains on its own shard of it, so N
     processes with batch B take the steps one process takes with batch B. The teacher's terms are
-    scaled by ``warmup_scale(first_step + i, warmup_steps)`` at the i-th iteration (logged scaled)."""
+    scaled by ``warmup_scale(first_step + i, warmup_steps)`` at the i-th iteration (logged scaled).
+    ``max_steps`` ends the pass early (the last, fractional epoch of QAT)."""
     distiller.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -78,6 +79,8 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
     seen, phase_iters = 0, {"student": 0, "augmentor": 0}
     t0 = time.perf_counter()
     for i, (x_u8, y) in enumerate(split.batches(batch_size, device, seed=seed)):
+        if max_steps is not None and i >= max_steps:
+            break
         x = prepare_batch(x_u8, mean, std, aug, gen)
         if world.size > 1:
             part = world.shard(len(y))

@@ -65,11 +65,14 @@ class Case:
 
 
 CASES: dict[str, Callable[[Case], tuple[list[str], str]]] = {}
+E2E_CASES: set[str] = set()  # cases that need a trained run, an export or an sshd (the session fixtures)
 
 
-def case(name: str) -> Callable:
+def case(name: str, e2e: bool = False) -> Callable:
     def register(fn: Callable[[Case], tuple[list[str], str]]) -> Callable:
         CASES[name] = fn
+        if e2e:
+            E2E_CASES.add(name)
         return fn
 
     return register
@@ -208,7 +211,7 @@ class _Payload:
 
 # --- checkpoints ---
 
-@case("checkpoint: truncated")
+@case("checkpoint: truncated", e2e=True)
 def _(c):
     bad = c.tmp / "t.pt"
     bad.write_bytes(c.fixture("tiny_teacher").read_bytes()[:1000])
@@ -229,12 +232,12 @@ def _(c):
     return c.distill("--teacher", bad), "refused for safety"
 
 
-@case("checkpoint: another architecture")
+@case("checkpoint: another architecture", e2e=True)
 def _(c):
     return c.distill("--teacher", c.fixture("tiny_teacher"), "--set", "teacher.arch=resnet34"), "teacher.arch"
 
 
-@case("checkpoint: another class count")
+@case("checkpoint: another class count", e2e=True)
 def _(c):
     ck = torch.load(c.fixture("tiny_teacher"), weights_only=True)
     ck["class_names"] = [f"c{i}" for i in range(100)]
@@ -249,12 +252,12 @@ def _(c):
     return ["export", str(c.tmp)], "no student_best.pt"
 
 
-@case("export: unknown format")
+@case("export: unknown format", e2e=True)
 def _(c):
     return ["export", str(c.run_copy()), "--formats", "coreml"], "unknown format 'coreml'"
 
 
-@case("export: unknown converter")
+@case("export: unknown converter", e2e=True)
 def _(c):
     return ["export", str(c.run_copy()), "--converter", "tvm"], "unknown converter 'tvm'"
 
@@ -267,7 +270,7 @@ def _(c):
     return ["export", str(run)], "corrupt"
 
 
-@case("export: weights of another width")
+@case("export: weights of another width", e2e=True)
 def _(c):
     run = c.run_copy()
     ck = torch.load(run / "student_best.pt", weights_only=True)
@@ -287,31 +290,31 @@ def _(c):
     return _bench(c.tmp), "no export.json"
 
 
-@case("bench: corrupt .tflite")
+@case("bench: corrupt .tflite", e2e=True)
 def _(c):
     export = c.export_copy()
     (export / "student_int8.tflite").write_bytes(b"TFL3" + os.urandom(2000))
     return _bench(export), "student_int8.tflite"
 
 
-@case("bench: export dir without samples")
+@case("bench: export dir without samples", e2e=True)
 def _(c):
     export = c.export_copy()
     (export / "samples.npz").unlink()
     return _bench(export), "no samples.npz"
 
 
-@case("bench: unknown device")
+@case("bench: unknown device", e2e=True)
 def _(c):
     return _bench(c.export_copy(), "--device", "jetson"), "unknown device 'jetson'"
 
 
-@case("bench: host name that is an option")
+@case("bench: host name that is an option", e2e=True)
 def _(c):
     return _bench(c.export_copy(), "--device", "rpi4", "--host", "-oProxyCommand=x"), "not a host name"
 
 
-@case("bench: unreachable host")
+@case("bench: unreachable host", e2e=True)
 def _(c):
     sshd = c.fixture("sshd")
     args = sshd.args()
@@ -319,7 +322,7 @@ def _(c):
     return _bench(c.export_copy(), "--device", "rpi4", *args), "connection refused"
 
 
-@case("bench: host key changed")
+@case("bench: host key changed", e2e=True)
 def _(c):
     sshd = c.fixture("sshd")
     known = c.tmp / "known_hosts"
@@ -344,12 +347,12 @@ def _(c):
     return ["gate", str(c.tmp / "nothing.json"), "--max-p50-ms", "1"], "no such file"
 
 
-@case("gate: no thresholds")
+@case("gate: no thresholds", e2e=True)
 def _(c):
     return ["gate", str(c.fixture("chain")[1] / "export" / "bench.json")], "no thresholds"
 
 
-@case("gate: accuracy given in percent")
+@case("gate: accuracy given in percent", e2e=True)
 def _(c):
     return ["gate", str(c.fixture("chain")[1] / "export" / "bench.json"), "--min-accuracy", "85"], "a fraction"
 
@@ -369,7 +372,7 @@ def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.e2e) if n in E2E_CASES else n for n in CASES])
 def test_bad_input_is_one_line_exit_2(name, tmp_path, request):
     c = Case(tmp_path, request)
     argv, expected = CASES[name](c)
@@ -386,6 +389,7 @@ def _cmd(*args: object) -> list[str]:
     return [sys.executable, "-m", "edgekd", *map(str, args)]
 
 
+@pytest.mark.e2e
 def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
     """RLIMIT_FSIZE makes every write past 150 kB fail with EFBIG, as a full disk fails with ENOSPC."""
     recipe = write_recipe(tmp_path / "r.yaml")
@@ -417,6 +421,7 @@ def _interrupt(cmd: list[str], ready: Callable[[], bool], timeout: float = 900) 
     return lines[0]
 
 
+@pytest.mark.e2e
 def test_ctrl_c_in_distill_keeps_finished_epochs(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", teacher={"epochs": 3}, data={"train_subset": 2000})
     run = tmp_path / "run"
@@ -426,6 +431,7 @@ def test_ctrl_c_in_distill_keeps_finished_epochs(tmp_path):
     assert torch.load(run / "teacher_last.pt", weights_only=True)["epoch"] >= 1
 
 
+@pytest.mark.e2e
 def test_ctrl_c_in_export_leaves_no_work_dir(tmp_path, chain):
     run = tmp_path / "run"
     run.mkdir()
@@ -436,6 +442,7 @@ def test_ctrl_c_in_export_leaves_no_work_dir(tmp_path, chain):
     assert_nothing_half_written(tmp_path, set())
 
 
+@pytest.mark.e2e
 def test_ctrl_c_in_run_then_the_same_command_continues(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", teacher={"epochs": 3}, data={"train_subset": 2000},
                           export={"formats": ["onnx"], "int8": False}, bench={"runs": 5, "samples": 20})
@@ -461,13 +468,13 @@ def test_skip_unreadable_counts_the_skipped_files(tmp_path):
     assert m["dataset"]["n_train"] + m["dataset"]["n_val"] == 30 and m["dataset"]["n_test"] == 12
 
 
-def test_recipes_readme_is_generated_from_the_models():
+def test_recipe_reference_is_generated_from_the_models():
     from edgekd.recipe import reference_markdown
 
     from conftest import REPO
 
-    assert (REPO / "recipes" / "README.md").read_text() == reference_markdown() + "\n", (
-        "recipes/README.md is stale: python -m edgekd.recipe > recipes/README.md")
+    assert (REPO / "docs" / "reference" / "recipe.md").read_text() == reference_markdown() + "\n", (
+        "docs/reference/recipe.md is stale: python -m edgekd.recipe > docs/reference/recipe.md")
 
 
 def test_error_messages_point_to_files_that_exist(tmp_path):
@@ -477,4 +484,4 @@ def test_error_messages_point_to_files_that_exist(tmp_path):
     p.write_text("train:\n  lr: fast\n")
     r = CliRunner().invoke(app, ["distill", str(p)])
     line = one_line_error(r)
-    assert "recipes/README.md" in line and (REPO / "recipes" / "README.md").is_file()
+    assert "docs/reference/recipe.md" in line and (REPO / "docs" / "reference" / "recipe.md").is_file()

@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgekd.bench import SSHOptions, _bundle, bench
+from edgekd.bench import SSHOptions, bench
+from edgekd.bench.bundle import make_bundle as _bundle
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
 
 from conftest import REPO, _free_port, _keygen, default_sigint, one_line_error as _one_line_error  # noqa: E402
 
-RUNNER = REPO / "deploy" / "edgekd_runner.py"
+RUNNER = REPO / "edgekd" / "runner.py"
 ODD = "it's a \"quoted\" dir $HOME;"  # spaces, quotes and shell syntax in file names
 
 
@@ -70,6 +71,7 @@ def _runner_pids(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.e2e
 def test_run_chains_all_stages_and_resumes(chain):
     recipe, run_dir, printed = chain
     for stage in ("distill ", "export ", "bench ", "gate "):
@@ -85,6 +87,7 @@ def test_run_chains_all_stages_and_resumes(chain):
     assert "another recipe" in _one_line_error(r)
 
 
+@pytest.mark.e2e
 def test_bench_over_ssh_end_to_end(chain, sshd, odd_export, remote_tmp):
     r = CliRunner().invoke(app, ["bench", str(odd_export), "--device", "rpi4", *sshd.args(), "--python",
                                  sys.executable, "--remote-tmp", str(remote_tmp), "--runs", "30", "--warmup", "2",
@@ -118,6 +121,7 @@ def test_bench_over_ssh_end_to_end(chain, sshd, odd_export, remote_tmp):
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_bench_local_runs_the_same_runner(chain):
     r = _bench(chain[1] / "export", "--device", "local", "--threads", "1")
     assert r.exit_code == 0, r.output + r.stderr
@@ -127,12 +131,14 @@ def test_bench_local_runs_the_same_runner(chain):
     assert "student_int8" in r.output and "ratio" in r.output
 
 
+@pytest.mark.e2e
 def test_wrong_key_is_refused(chain, sshd, odd_export, remote_tmp, tmp_path):
     _keygen(tmp_path / "stranger")
     r = _bench(odd_export, "--device", "rpi4", *sshd.args(key=tmp_path / "stranger"))
     assert "permission denied" in _one_line_error(r)
 
 
+@pytest.mark.e2e
 def test_unknown_host_key_needs_opt_in(chain, sshd, odd_export, remote_tmp, tmp_path):
     known = tmp_path / "known_hosts"
     known.write_text("")
@@ -146,6 +152,7 @@ def test_unknown_host_key_needs_opt_in(chain, sshd, odd_export, remote_tmp, tmp_
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_changed_host_key_is_refused_even_with_opt_in(chain, sshd, odd_export, tmp_path):
     known = tmp_path / "known_hosts"
     known.write_text(sshd.known_line(_keygen(tmp_path / "old_host_key")))
@@ -154,6 +161,7 @@ def test_changed_host_key_is_refused_even_with_opt_in(chain, sshd, odd_export, t
     assert "CHANGED" in _one_line_error(_bench(odd_export, *args, "--accept-new-host-key"))
 
 
+@pytest.mark.e2e
 def test_closed_port(chain, sshd, odd_export):
     args = sshd.args()
     args[args.index("--port") + 1] = str(_free_port())
@@ -170,6 +178,7 @@ def numpy1_venv(tmp_path_factory):
     return d / "bin" / "python"
 
 
+@pytest.mark.e2e
 def test_board_without_tflite_runtime(chain, sshd, odd_export, remote_tmp, numpy1_venv):
     r = _bench(odd_export, "--device", "rpi4", *sshd.args(), "--python", str(numpy1_venv),
                "--remote-tmp", str(remote_tmp))
@@ -178,6 +187,7 @@ def test_board_without_tflite_runtime(chain, sshd, odd_export, remote_tmp, numpy
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_board_with_tflite_runtime_and_numpy1(chain, sshd, odd_export, remote_tmp, numpy1_venv, tmp_path):
     d = tmp_path / "tflrt"
     venv.create(d, with_pip=True)
@@ -194,6 +204,7 @@ def test_board_with_tflite_runtime_and_numpy1(chain, sshd, odd_export, remote_tm
     assert list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_runner_killed_mid_run(chain, sshd, odd_export, remote_tmp):
     ssh = SSHOptions(port=sshd.port, identity=sshd.key, known_hosts=sshd.known_hosts)
     outcome: dict[str, object] = {}
@@ -224,6 +235,7 @@ def _wait_for_runner(marker: str) -> list[int]:
     raise AssertionError("the runner never started on the board")
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_the_board_and_cleans_up(chain, sshd, odd_export, remote_tmp):
     cmd = [sys.executable, "-m", "edgekd", "bench", str(odd_export), "--device", "rpi4", *sshd.args(),
            "--python", sys.executable, "--remote-tmp", str(remote_tmp), "--runs", str(10**8), "--samples", "10",
@@ -240,6 +252,7 @@ def test_ctrl_c_stops_the_board_and_cleans_up(chain, sshd, odd_export, remote_tm
     assert _runner_pids(str(remote_tmp)) == [] and list(remote_tmp.iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_bench_bad_input(chain, tmp_path):
     export_dir = chain[1] / "export"
     assert "no export.json" in _one_line_error(_bench(tmp_path))
@@ -250,6 +263,7 @@ def test_bench_bad_input(chain, tmp_path):
                                                         "--identity", str(tmp_path / "nokey")))
 
 
+@pytest.mark.e2e
 def test_runner_standalone_with_onnxruntime(chain, tmp_path):
     """The runner on its own: the ONNX path, and a corrupt model as one JSON error line."""
     export_dir = chain[1] / "export"
@@ -268,6 +282,7 @@ def test_runner_standalone_with_onnxruntime(chain, tmp_path):
     assert out.returncode == 2 and "error" in json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_gate_exit_codes_and_step_summary(chain, tmp_path):
     recipe, run_dir, _ = chain
     bench_json = run_dir / "export" / "bench.json"
@@ -295,6 +310,7 @@ def test_gate_exit_codes_and_step_summary(chain, tmp_path):
                                                                         "--max-p50-ms", "1"]))
 
 
+@pytest.mark.e2e
 def test_one_failing_host_keeps_the_others_in_a_partial_bench_json(chain, sshd, odd_export, remote_tmp, tmp_path):
     """Two boards, one of which refuses us (its host key is unknown): the other's results are kept,
     each host has a status, the command still fails, and the gate fails on the partial report."""
@@ -317,7 +333,8 @@ def test_board_identity_has_one_source(monkeypatch):
     and the report title and the profile check read the same field."""
     import importlib.util
 
-    from edgekd.bench import PROFILES, _profile_warnings, board_name
+    from edgekd.bench import PROFILES, board_name
+    from edgekd.bench.profiles import profile_warnings as _profile_warnings
 
     spec = importlib.util.spec_from_file_location("edgekd_runner", RUNNER)
     runner = importlib.util.module_from_spec(spec)

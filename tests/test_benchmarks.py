@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at a tiny scale, so they cannot rot unnoticed."""
 
+import pytest
 import hashlib
 import json
 import shutil
@@ -13,6 +14,7 @@ import yaml
 from conftest import REPO
 
 
+@pytest.mark.e2e
 def test_methods_table_is_resumable(tmp_path):
     out = tmp_path / "methods"
     cmd = [sys.executable, str(REPO / "benchmarks" / "methods.py"), "--seeds", "2", "--methods", "ce,at",
@@ -112,6 +114,7 @@ def test_two_processes_that_need_one_teacher_train_it_once(tmp_path):
     assert got[0][1] == str(kept) and got[0][0]["sha256"] == hashlib.sha256(kept.read_bytes()).hexdigest()
 
 
+@pytest.mark.e2e
 def test_hard_table_runs_and_resumes(tmp_path):
     out = tmp_path / "hard"
     cmd = [sys.executable, str(REPO / "benchmarks" / "hard.py"), "--seeds", "1", "--train-subset", "300",
@@ -182,6 +185,7 @@ def test_hard_table_runs_and_resumes(tmp_path):
     assert "## MobileNetV2-0.35 from ResNet-18" in (tmp_path / "hard.md").read_text()
 
 
+@pytest.mark.e2e
 def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_teacher):
     from conftest import write_recipe
 
@@ -202,6 +206,7 @@ def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_tea
     assert (tmp_path / "students.png").is_file()
 
 
+@pytest.mark.e2e
 def test_kd_terms_measures_each_terms_gradient(tmp_path, tiny_teacher):
     from conftest import write_recipe
 
@@ -219,6 +224,7 @@ def test_kd_terms_measures_each_terms_gradient(tmp_path, tiny_teacher):
     assert (tmp_path / "curves.png").is_file() and "cos(KD, CE)" in r.stdout
 
 
+@pytest.mark.e2e
 def test_distill_throughput_prints_every_step_kind_and_the_ceiling():
     cmd = [sys.executable, str(REPO / "benchmarks" / "distill_throughput.py"), "--device", "cpu", "--teacher",
            "resnet18", "--teacher-width", "8", "--width-mult", "0.25", "--size", "16", "--batch-sizes", "16,32",
@@ -232,6 +238,7 @@ def test_distill_throughput_prints_every_step_kind_and_the_ceiling():
             assert row[key] > 0
 
 
+@pytest.mark.e2e
 def test_tome_profile_times_each_part_of_a_merging_block(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import tome_profile
@@ -254,7 +261,7 @@ def test_tome_table_sets_a_student_trained_with_merging_against_its_own_r0():
 
     import tome
 
-    from edgekd.export import _tome_roles
+    from edgekd.export.tome import tome_roles as _tome_roles
 
     # the file names tome.py reads are the ones `edgekd export --tome-sweep` writes: the student's own
     # setting is `student`, so a student trained at r = 8 has an r = 0 file and no r = 8 one

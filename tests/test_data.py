@@ -15,6 +15,7 @@ from edgekd.errors import EdgekdError
 from edgekd.recipe import AugmentConfig, DataConfig
 
 
+@pytest.mark.e2e
 def test_fashion_mnist_subsets_are_seeded_and_real():
     cfg = DataConfig(train_subset=300, test_subset=100, val_fraction=0.2, image_size=28)
     a, b = load_dataset(cfg, seed=3), load_dataset(cfg, seed=3)

@@ -3,6 +3,7 @@ with the same global batch, and a killed DDP run resumed ends where an uninterru
 
 from __future__ import annotations
 
+import pytest
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ def _weights(run):
     return load_checkpoint(run / "student_last.pt")["state_dict"]
 
 
+@pytest.mark.e2e
 def test_ddp_matches_one_process_and_resumes(tmp_path, tiny_teacher):
     recipe = _recipe(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -73,6 +75,7 @@ def test_ddp_matches_one_process_and_resumes(tmp_path, tiny_teacher):
         assert torch.allclose(b[k], c[k], atol=1e-6), k
 
 
+@pytest.mark.e2e
 def test_global_batch_must_divide_among_processes(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path / "r.yaml", student={"arch": "mlp"}, distill={"method": "kd"},
                           train={"batch_size": 45})

@@ -31,6 +31,7 @@ def _cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", list(EXPECTED_TERMS))
 def test_every_method_trains_from_the_cli(tmp_path, tiny_teacher, method):
     recipe = write_recipe(tmp_path / "r.yaml")
@@ -46,6 +47,7 @@ def test_every_method_trains_from_the_cli(tmp_path, tiny_teacher, method):
     assert 0.0 <= m["student"]["test_top1"] <= 100.0
 
 
+@pytest.mark.e2e
 def test_run_directory_and_metrics_schema(tiny_teacher):
     run = tiny_teacher.parent
     for name in ("teacher_best.pt", "teacher_last.pt", "student_best.pt", "student_last.pt", "metrics.json",
@@ -76,6 +78,7 @@ def _train_cmd(recipe, out, *extra):
     return [sys.executable, "-m", "edgekd.cli", "distill", str(recipe), "--out", str(out), *extra]
 
 
+@pytest.mark.e2e
 def test_sigkill_during_epoch_2_then_resume_matches_uninterrupted(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path / "r.yaml", data={"train_subset": 1200, "val_fraction": 0.1},
                           student={"epochs": 3}, train={"batch_size": 30})
@@ -114,6 +117,7 @@ def test_missing_data_is_one_line_exit_2(tmp_path):
     assert "apt-get install dataset-fashion-mnist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_teacher_with_other_classes_is_refused(tmp_path, tiny_teacher):
     ck = load_checkpoint(tiny_teacher)
     ck["class_names"] = [f"c{i}" for i in range(100)]
@@ -123,6 +127,7 @@ def test_teacher_with_other_classes_is_refused(tmp_path, tiny_teacher):
     assert r.exit_code == 2 and "other classes" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_teacher_of_another_architecture_is_refused(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path / "r.yaml", teacher={"arch": "resnet34"})
     r = _cli("distill", recipe, "--teacher", tiny_teacher, "--out", tmp_path / "o")
@@ -156,6 +161,7 @@ def test_method_that_needs_a_teacher_without_one(tmp_path):
     assert r.exit_code == 2 and "needs a teacher" in r.stderr
 
 
+@pytest.mark.e2e
 def test_student_alone_runs_without_teacher(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", teacher={"epochs": 0}, distill={"method": "ce"},
                           data={"val_fraction": 0.0})
@@ -170,6 +176,7 @@ def test_student_alone_runs_without_teacher(tmp_path):
     assert m["student"]["val_top1"] is None and m["dataset"]["n_val"] == 0
 
 
+@pytest.mark.e2e
 def test_baseline_is_the_student_alone_and_is_cached(tmp_path, tiny_teacher):
     """--baseline trains the same student with ce (same init, batches, augmentation, epochs): it
     must equal a plain ce run exactly, report the gain, and be reused by the next run."""
@@ -202,6 +209,7 @@ def test_baseline_is_the_student_alone_and_is_cached(tmp_path, tiny_teacher):
     assert not (tmp_path / "at" / "baseline_last.pt").exists()  # reused, not retrained
 
 
+@pytest.mark.e2e
 def test_compiled_step_trains_the_same_student_as_eager(tmp_path, tiny_teacher):
     """train.compile puts the student, the teacher's forward, the feature taps and the AT-KD terms
     through torch.compile. aot_eager captures the same graphs as inductor (dynamo + AOTAutograd)
@@ -262,6 +270,7 @@ def test_warmup_ramps_only_the_teacher_terms():
     assert row["loss_kd"] == pytest.approx(2.0)  # after the warm-up: full weight
 
 
+@pytest.mark.e2e
 def test_early_stopping_stops_when_validation_stalls(tmp_path, tiny_teacher):
     from edgekd.distill.stage import distill
     from edgekd.recipe import load_recipe

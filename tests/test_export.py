@@ -47,6 +47,7 @@ def _can_unshare_network() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.e2e
 def test_export_needs_no_network(exported):
     if not exported[2]:
         pytest.skip("this machine cannot run a process without network (unshare -n needs root)")
@@ -54,6 +55,7 @@ def test_export_needs_no_network(exported):
     assert "student_int8.tflite" in report["artifacts"]  # written with no network at all
 
 
+@pytest.mark.e2e
 def test_all_artifacts_are_written_and_scored(exported):
     out, printed, _ = exported
     report = json.loads((out / "export.json").read_text())
@@ -70,6 +72,7 @@ def test_all_artifacts_are_written_and_scored(exported):
     assert not list(out.glob(".*"))  # no temporary files or work folders left behind
 
 
+@pytest.mark.e2e
 def test_onnx_and_fp32_tflite_match_pytorch(exported):
     report = json.loads((exported[0] / "export.json").read_text())["artifacts"]
     for name in ("student.onnx", "teacher.onnx", "student_fp32.tflite", "teacher_fp32.tflite"):
@@ -81,6 +84,7 @@ def test_onnx_and_fp32_tflite_match_pytorch(exported):
         assert report[name]["size_bytes"] < report["student_fp32.tflite"]["size_bytes"]
 
 
+@pytest.mark.e2e
 def test_int8_file_really_is_int8(exported):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -99,6 +103,7 @@ def test_int8_file_really_is_int8(exported):
     assert ratio < 0.45, ratio
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("converter", ["onnx2tf", "litert-torch"])
 def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter, caplog):
     """Full-width MobileNetV2 (the size the product ships), calibrated on real images. The tiny
@@ -128,6 +133,7 @@ def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter, caplog):
     assert "training mode" not in caplog.text
 
 
+@pytest.mark.e2e
 def test_litert_torch_converter(exported, tmp_path):
     """The kept alternative: NCHW int8 through PT2E, no TensorFlow."""
     run = tmp_path / "run"
@@ -143,6 +149,7 @@ def test_litert_torch_converter(exported, tmp_path):
     assert report["student_fp32.tflite"]["parity"]["max_abs_logit_diff"] < 1e-3
 
 
+@pytest.mark.e2e
 def test_sidecar_describes_the_model(exported):
     out = exported[0]
     side = json.loads((out / "student.model.json").read_text())
@@ -154,12 +161,14 @@ def test_sidecar_describes_the_model(exported):
     assert side["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
+@pytest.mark.e2e
 def test_int8_drop_limit_exits_1_naming_the_drop(exported):
     run = exported[0].parent
     r = CliRunner().invoke(app, ["export", str(run), "--formats", "tflite", "--calib", "16", "--max-int8-drop", "-101"])
     assert r.exit_code == 1 and "int8 student loses" in r.stderr and "--max-int8-drop -101" in r.stderr
 
 
+@pytest.mark.e2e
 def test_export_errors_are_one_line_exit_2(tmp_path, exported):
     r = CliRunner().invoke(app, ["export", str(tmp_path)])
     assert r.exit_code == 2 and "no student_best.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -169,6 +178,7 @@ def test_export_errors_are_one_line_exit_2(tmp_path, exported):
     assert r.exit_code == 2 and "unknown converter 'tvm'; choose from auto, onnx2tf, litert-torch" in r.stderr
 
 
+@pytest.mark.e2e
 def test_checkpoint_of_another_architecture_is_one_line(tmp_path, exported):
     import torch
 
@@ -205,6 +215,7 @@ def rgb_run(tmp_path_factory):
     return d / "run"
 
 
+@pytest.mark.e2e
 def test_rgb_imagefolder_runs_offline(rgb_run):
     report = json.loads((rgb_run / "export" / "export.json").read_text())
     assert {"student_int8.tflite", "student_fp16.tflite", "student_dynamic.tflite",
@@ -215,6 +226,7 @@ def test_rgb_imagefolder_runs_offline(rgb_run):
     assert bench["hosts"]["local"]["status"] == "ok" and bench["samples"] == 36
 
 
+@pytest.mark.e2e
 def test_litert_torch_export_of_rgb_model_offline(rgb_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -227,6 +239,7 @@ def test_litert_torch_export_of_rgb_model_offline(rgb_run, tmp_path):
     assert report["student_int8.tflite"]["io"]["input_shape"] == [1, 3, 16, 16]
 
 
+@pytest.mark.e2e
 def test_copied_export_dir_benches_and_gates_on_its_own(rgb_run, tmp_path):
     """The export dir is the deployable artifact: moved alone elsewhere (the run dir and the
     images gone), it still benches and gates."""
@@ -245,9 +258,10 @@ def test_copied_export_dir_benches_and_gates_on_its_own(rgb_run, tmp_path):
         shutil.move(tmp_path / "images-away", rgb_run.parent / "images")
 
 
+@pytest.mark.e2e
 def test_a_converted_file_litert_cannot_load_is_one_line(tmp_path, exported):
     from edgekd.errors import EdgekdError
-    from edgekd.export import _check_loads
+    from edgekd.export.convert import check_loads as _check_loads
 
     good = exported[0] / "student_int8.tflite"
     _check_loads(good, good.name)  # a real file loads

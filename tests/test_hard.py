@@ -181,6 +181,7 @@ class _StopAfterFirstEpoch:
             raise KeyboardInterrupt
 
 
+@pytest.mark.e2e
 def test_hard_run_resumes_exactly(tmp_path):
     """Loose thresholds make both phases and several switches happen in two short epochs; an
     interrupted run resumed from its checkpoint (pool and phase state included) ends equal."""
@@ -203,6 +204,7 @@ def test_hard_run_resumes_exactly(tmp_path):
     assert resumed["student"]["test_top1"] == full["student"]["test_top1"]
 
 
+@pytest.mark.e2e
 def test_hard_mix_trains_from_the_cli(tmp_path):
     r = CliRunner().invoke(app, ["distill", str(_hard_recipe(tmp_path)), "--augment", "hard-mix",
                                  "--out", str(tmp_path / "run")])
@@ -213,6 +215,7 @@ def test_hard_mix_trains_from_the_cli(tmp_path):
     assert m["student"]["epochs"][-1]["loss_hard"] > 0 and (tmp_path / "run" / "augmentor.png").is_file()
 
 
+@pytest.mark.e2e
 def test_hard_vae_trains_its_vae_once_and_reuses_it(tmp_path):
     """No pretrained VAE is reachable offline: the run trains one on its training images, keeps it
     in the run dir (vae.pt) and a resumed run reuses it rather than training again."""
@@ -230,6 +233,7 @@ def test_hard_vae_trains_its_vae_once_and_reuses_it(tmp_path):
     assert vae.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.e2e
 def test_vae_reconstructs_after_pretraining(tmp_path):
     """The pretrained VAE is a reconstruction of real images, so hard-vae starts near the identity."""
     from edgekd.augment.vae import HardVAE

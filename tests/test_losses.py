@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.distill.losses import at_loss, attention_map, hint_loss, kd_loss, match_spatial, self_attention_map
+from edgekd.losses.terms import at_loss, attention_map, hint_loss, kd_loss, match_spatial, self_attention_map
 from edgekd.models import build_model, pair_stages, stage_shapes, tap_candidates
 
 
@@ -85,7 +85,7 @@ def test_resnet50_and_large_inputs_keep_torchvision_layout():
 
 
 def test_warmup_scale_ramps_linearly_then_holds():
-    from edgekd.distill.losses import warmup_scale
+    from edgekd.losses.terms import warmup_scale
 
     assert [warmup_scale(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_scale(0, 0) == 1.0  # no warm-up: full weight from the first step

@@ -194,6 +194,7 @@ def test_r_is_clamped_per_block_as_the_reference_does_and_refused_only_past_the_
         check_r(25, 50, 4)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("matcher", ["exact", "lsh", "bucketed"])
 def test_exported_onnx_matches_pytorch_for_r_above_zero(tmp_path, matcher: str) -> None:
     from edgekd.export import export_onnx, onnx_runner
@@ -208,6 +209,7 @@ def test_exported_onnx_matches_pytorch_for_r_above_zero(tmp_path, matcher: str) 
     assert np.median(diff) < 1e-4 and (got.argmax(1) == want.argmax(1)).mean() >= 0.96, diff
 
 
+@pytest.mark.e2e
 def test_int8_calibration_keeps_merged_tokens_as_exact_as_an_unmerged_model() -> None:
     """The int8 graph (PT2E, simulated in PyTorch) of a merging ViT errs no more than the
     unmerged one's: quantising the size-weighted merge gave it one scale for tokens of mass 1 and
@@ -251,6 +253,7 @@ def vit_run(tmp_path_factory) -> object:
     return d / "run"
 
 
+@pytest.mark.e2e
 def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
     runner = CliRunner()
     # 16 px / 4 = 16 patches + class token: the first block can merge at most 8
@@ -312,6 +315,7 @@ def test_tome_sweep_exports_and_benches_from_the_cli(vit_run) -> None:
     assert art["parity"]["top1_agreement"] >= 95
 
 
+@pytest.mark.e2e
 def test_a_tome_file_that_fails_parity_is_refused_without_losing_the_other_files(vit_run, tmp_path,
                                                                                   monkeypatch) -> None:
     """A refused ToMe schedule (here: the parity check made to fail for ToMe schedules only) is one
@@ -319,7 +323,7 @@ def test_a_tome_file_that_fails_parity_is_refused_without_losing_the_other_files
     export left under the refused name is gone (the export dir is what gets deployed)."""
     import shutil
 
-    import edgekd.export
+    import edgekd.export.stage
     from edgekd.errors import EdgekdError
 
     def fails_for_schedules(name, parity, tome=False):
@@ -331,8 +335,8 @@ def test_a_tome_file_that_fails_parity_is_refused_without_losing_the_other_files
     shutil.copytree(vit_run, run, ignore=shutil.ignore_patterns("export"))
     (run / "export").mkdir()
     (run / "export" / "student-tome-r4-lsh.onnx").write_bytes(b"an earlier export's file")
-    check = edgekd.export.check_onnx_parity
-    monkeypatch.setattr(edgekd.export, "check_onnx_parity", fails_for_schedules)
+    check = edgekd.export.stage.check_onnx_parity
+    monkeypatch.setattr(edgekd.export.stage, "check_onnx_parity", fails_for_schedules)
     r = CliRunner().invoke(app, ["export", str(run), "--formats", "onnx", "--no-int8", "--tome-sweep", "4",
                                  "--tome-matcher", "lsh", "--samples", "50"])
     msg = one_line_error(r, code=1)
@@ -380,6 +384,7 @@ def test_auto_r_picks_the_fastest_schedule_within_the_drop_and_never_a_slower_on
         assert ms[c.schedule[0]] <= ms[0] and val[0] - val[c.schedule[0]] <= 0.5
 
 
+@pytest.mark.e2e
 def test_auto_r_exports_the_chosen_schedule_timed_on_the_host(vit_run, tmp_path) -> None:
     """End to end with a fake timer that makes r = 2 the fastest: int8 candidates are converted,
     scored on validation in LiteRT, and the winner is exported; export.json records every candidate."""

@@ -55,6 +55,7 @@ def _can_unshare_network() -> bool:
     ("torchvision/shufflenet_v2_x0_5", "teacher.pth", "timm/mobilenetv3_small_050"),
     ("timm/lcnet_050", "teacher.safetensors", "torchvision/mobilenet_v3_small"),
 ])
+@pytest.mark.e2e
 def test_user_weights_into_a_zoo_student_through_the_whole_chain(tmp_path, teacher_arch, weights_file, student_arch):
     """An RGB teacher's own weights file (1-channel data: its first conv is summed over RGB) is
     fine-tuned, distilled with AT-KD into a zoo student, exported to ONNX and int8 TFLite, benched
@@ -82,6 +83,7 @@ def test_user_weights_into_a_zoo_student_through_the_whole_chain(tmp_path, teach
     assert "gate     pass" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_student_weights_warm_start_replaces_another_head(tmp_path):
     """student.weights with 1000 classes on 10-class data: the body loads, the head is new."""
     from edgekd.distill.stage import distill
@@ -218,6 +220,7 @@ def test_models_lists_and_filters():
     assert one_line_error(CliRunner().invoke(app, ["models", "--zoo", "keras"])).endswith("timm, torchvision")
 
 
+@pytest.mark.e2e
 def test_vit_from_the_zoo_has_no_feature_maps_for_at(tmp_path):
     recipe = _zoo_recipe(tmp_path, {"arch": "resnet18", "width": 8},
                          {"arch": "timm/vit_tiny_patch16_224"}, distill={"method": "at"})
@@ -231,7 +234,8 @@ def test_onnx_parity_is_scale_aware_and_still_catches_a_perturbed_weight(tmp_pat
     from onnx import numpy_helper
 
     from edgekd.errors import EdgekdError
-    from edgekd.export import _parity, check_onnx_parity, export_onnx, onnx_runner
+    from edgekd.export import check_onnx_parity, export_onnx, onnx_runner
+    from edgekd.export import parity as _parity
     from edgekd.models import build_model
 
     torch.manual_seed(0)
@@ -257,6 +261,7 @@ def test_onnx_parity_is_scale_aware_and_still_catches_a_perturbed_weight(tmp_pat
         check_onnx_parity("m.onnx", _parity(onnx_runner(path)(x.numpy()), reference))
 
 
+@pytest.mark.e2e
 def test_resume_of_an_empty_directory_says_so(tmp_path, caplog):
     """The warning goes through logging (the CLI shows warnings on stderr; under pytest the log
     capture may hold the root logger first, so the test reads the log records)."""

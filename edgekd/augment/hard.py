@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.augment.base import Augmentor
-from edgekd.distill.losses import softmax_kl
+from edgekd.losses.terms import softmax_kl
 from edgekd.distributed import all_reduce_mean_
 
 

@@ -10,12 +10,13 @@ follows the uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
 import json
-import os
 import logging
+import os
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,15 +28,15 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 import yaml
 
-from edgekd import __version__
+from edgekd import __version__, artifacts
 from edgekd.augment import get_augmentor
 from edgekd.augment.hard import HardTraining
 from edgekd.checkpoint import load_checkpoint, save_checkpoint, write_json, write_text
 from edgekd.data import DataBundle, load_dataset
-from edgekd.distill.distiller import Distiller
-from edgekd.distill.methods import METHODS, TERMS, get_method
+from edgekd.distiller import Distiller
+from edgekd.losses.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
-from edgekd.models import build_model, count_params, pair_stages, stage_shapes, tap_candidates
+from edgekd.models import build_from_checkpoint, build_model, count_params, pair_stages, stage_shapes, tap_candidates
 from edgekd.models.weights import load_weights
 from edgekd.recipe import Recipe, recipe_from_dict
 from edgekd.distributed import World, barrier, init
@@ -43,7 +44,7 @@ from edgekd.report import plot_augmentors, write_plots
 from edgekd.train import unwrap, evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
 
 log = logging.getLogger(__name__)
-METRICS_SCHEMA = "edgekd.metrics/1"
+QAT_ROLE = "student_qat"  # its checkpoints: student_qat_best.pt, student_qat_last.pt
 _RESUME_IGNORED = {("train", "device"), ("export",), ("bench",), ("gate",)}  # not training
 
 
@@ -112,18 +113,6 @@ def _model_meta(ctx: _Ctx, role: str, arch: str, kwargs: dict[str, Any]) -> dict
     }
 
 
-def build_from_checkpoint(ckpt: dict[str, Any], path: Path | str) -> nn.Module:
-    """A model rebuilt from an edgekd checkpoint's metadata, with its weights loaded."""
-    try:
-        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
-                            **ckpt.get("model_kwargs", {}))
-        model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:120]
-        raise EdgekdError(f"checkpoint {path}: weights do not fit its architecture ({first})") from None
-    return model
-
-
 def _recipe_diff(a: dict, b: dict, prefix: tuple = ()) -> tuple[str, Any, Any] | None:
     for k in sorted(set(a) | set(b)):
         key = prefix + (k,)
@@ -140,10 +129,10 @@ def _recipe_diff(a: dict, b: dict, prefix: tuple = ()) -> tuple[str, Any, Any] |
 
 
 def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[str, Any],
-         make_distiller: Callable[[nn.Module], Distiller], epochs: int, lr: float,
-         hard: HardTraining | None = None) -> list[dict[str, float]]:
-    """Train ``model`` in place for ``epochs`` (with HARD when ``hard`` is given); leaves the
-    best-validation weights loaded."""
+         make_distiller: Callable[[nn.Module], Distiller], epochs: float, lr: float,
+         hard: HardTraining | None = None, meta_extra: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` in place for ``epochs`` (with HARD when ``hard`` is given; a fraction of an
+    epoch ends that many steps in); leaves the best-validation weights loaded."""
     cfg = ctx.recipe.train
     if ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # with bf16, the fast layout for cuDNN convolutions
@@ -155,45 +144,34 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
             distiller.regressors = DDP(distiller.regressors, device_ids=ids)
     # One graph for the student's forward, the frozen teacher's forward, the taps and the loss terms;
     # the optimizer step stays eager. The module is shared, so checkpoints read the same weights.
-    step = torch.compile(distiller, backend=cfg.compile_backend) if cfg.compile else distiller
+    # (a QAT graph is already an exported graph: it trains eagerly)
+    compiled = cfg.compile and role != QAT_ROLE
+    step = torch.compile(distiller, backend=cfg.compile_backend) if compiled else distiller
     opt = make_optimizer(distiller.trainable_parameters(), cfg, lr)
     steps = max(1, len(ctx.data.train) // cfg.batch_size) if len(ctx.data.train) >= cfg.batch_size else 1
-    sched = make_scheduler(opt, cfg, lr, epochs * steps)
-    last_path, best_path = ctx.run_dir / f"{role}_last.pt", ctx.run_dir / f"{role}_best.pt"
-    history: list[dict[str, float]] = []
-    best_val, start = -math.inf, 0
-    if ctx.resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        # Through the model first: a key added since (with its default) is not a difference.
-        diff = _recipe_diff(recipe_from_dict(state["recipe"]).model_dump(), ctx.recipe.model_dump())
-        if diff:
-            raise EdgekdError(f"{ctx.run_dir} was started with another recipe (key '{diff[0]}': {diff[1]!r} -> "
-                              f"{diff[2]!r}); resume with the same recipe or pick a new --out")
-        model.load_state_dict(state["state_dict"])
-        if distiller.regressors is not None:
-            unwrap(distiller.regressors).load_state_dict(state["regressors"])
-        if hard is not None:
-            hard.load_state_dict(state["hard"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, best_val, start = list(state["history"]), state["best_val"], state["epoch"]
+    sched = make_scheduler(opt, cfg, lr, round(epochs * steps))
+    last_path = ctx.run_dir / artifacts.last_checkpoint(role)
+    best_path = ctx.run_dir / artifacts.best_checkpoint(role)
+    history, best_val, start = _resume(ctx, last_path, model, distiller, hard, opt, sched)
+    if start:
         log.info("%s: resuming after epoch %d of %d", role, start, epochs)
-    meta = _model_meta(ctx, role, arch, model_kwargs)
+    meta = {**_model_meta(ctx, role, arch, model_kwargs), **(meta_extra or {})}
     # The baseline sees exactly the student's batches, augmentation and dropout: same seed.
-    role_seed = ctx.recipe.seed * 1000 + (0 if role == "teacher" else 500)
+    role_seed = ctx.recipe.seed * 1000 + {"teacher": 0, QAT_ROLE: 700}.get(role, 500)
     # the teacher's terms of the student (and the baseline's, which has none) ramp up from 0
-    warmup_steps = round(ctx.recipe.distill.warmup_epochs * steps) if role != "teacher" else 0
-    for epoch in range(start, epochs):
+    warmup_steps = round(ctx.recipe.distill.warmup_epochs * steps) if role in ("student", "baseline") else 0
+    for epoch in range(start, math.ceil(epochs)):
+        last_steps = round((epochs - epoch) * steps) if epoch + 1 > epochs else None  # a fraction of an epoch
         if cfg.patience and _epochs_since_best(history) >= cfg.patience:
             log.info("%s: validation top-1 has not improved for %d epochs: stopping after epoch %d",
                      role, cfg.patience, epoch)
             break
-        ctx.progress.start(f"{role} {epoch + 1}/{epochs}", len(ctx.data.train))
+        ctx.progress.start(f"{role} {epoch + 1}/{epochs:g}", len(ctx.data.train))
         row: dict[str, float] = {"epoch": epoch + 1}
         row.update(train_one_epoch(
             step, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
             batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard, world=ctx.world,
-            first_step=epoch * steps, warmup_steps=warmup_steps, on_batch=ctx.progress.advance,
+            first_step=epoch * steps, warmup_steps=warmup_steps, on_batch=ctx.progress.advance, max_steps=last_steps,
         ))
         if not math.isfinite(row["loss"]):
             raise EdgekdError(f"{role}: the training loss became {row['loss']} in epoch {epoch + 1}; lower train.lr "
@@ -221,6 +199,28 @@ def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[s
     distiller.remove_taps()
     model.load_state_dict(load_checkpoint(best_path)["state_dict"])
     return history
+
+
+def _resume(ctx: _Ctx, last_path: Path, model: nn.Module, distiller: Distiller, hard: HardTraining | None,
+            opt: Any, sched: Any) -> tuple[list[dict[str, float]], float, int]:
+    """Load ``<role>_last.pt`` into the model, the regressors, HARD, the optimizer and the
+    schedule when resuming: (history, best validation top-1, epochs done); else a fresh start."""
+    if not (ctx.resume and last_path.is_file()):
+        return [], -math.inf, 0
+    state = load_checkpoint(last_path)
+    # Through the model first: a key added since (with its default) is not a difference.
+    diff = _recipe_diff(recipe_from_dict(state["recipe"]).model_dump(), ctx.recipe.model_dump())
+    if diff:
+        raise EdgekdError(f"{ctx.run_dir} was started with another recipe (key '{diff[0]}': {diff[1]!r} -> "
+                          f"{diff[2]!r}); resume with the same recipe or pick a new --out")
+    model.load_state_dict(state["state_dict"])
+    if distiller.regressors is not None:
+        unwrap(distiller.regressors).load_state_dict(state["regressors"])
+    if hard is not None:
+        hard.load_state_dict(state["hard"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return list(state["history"]), state["best_val"], state["epoch"]
 
 
 def _epochs_since_best(history: list[dict[str, float]]) -> int:
@@ -279,7 +279,7 @@ def _teacher(ctx: _Ctx, needs_teacher: bool) -> tuple[nn.Module | None, list[dic
     model = build_model(tcfg.arch, data.num_classes, data.channels, data.image_size, **kwargs)
     if tcfg.weights:  # the user's own weights; with epochs > 0 they are fine-tuned (a new head if needed)
         ctx.weights_loaded["teacher"] = load_weights(model, tcfg.weights, role="teacher", arch=tcfg.arch,
-                                                     new_head_ok=tcfg.epochs > 0).as_dict()
+                                                     new_head_ok=tcfg.epochs > 0, key=tcfg.weights_key).as_dict()
     model = model.to(ctx.device)
     kwargs["pretrained"] = False  # the checkpoint holds the weights; rebuilding must not download
     if tcfg.epochs == 0:  # ImageNet weights or the user's, used as they are
@@ -328,7 +328,7 @@ def _new_student(recipe: Recipe, data: DataBundle, device: torch.device,
                         **recipe.student.model_kwargs())
     if recipe.student.weights:
         report = load_weights(model, recipe.student.weights, role="student", arch=recipe.student.arch,
-                              new_head_ok=True)
+                              new_head_ok=True, key=recipe.student.weights_key)
         if loaded is not None:
             loaded["student"] = report.as_dict()
     return model.to(device)
@@ -381,19 +381,85 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
             progress: Progress | None = None) -> DistillResult:
     """Run the distil stage of ``recipe`` into ``out_dir`` (see the module docstring)."""
     run_dir = Path(out_dir)
+    resumed = _check_run_dir(run_dir, resume)
+    method = get_method(recipe.distill.method)
+    t_start = time.perf_counter()
+    ctx = _context(recipe, run_dir, resume, progress)
+    teacher, t_hist, t_source = _teacher(ctx, method.needs_teacher)
+    student = _new_student(recipe, ctx.data, ctx.device, ctx.weights_loaded)
+    pairs = _stage_pairs(recipe, method, teacher, student, ctx.data)
+    hard = _hard(ctx)
+    s_hist = _fit(ctx, "student", student, recipe.student.arch, recipe.student.model_kwargs(),
+                  lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
+                                      label_smoothing=recipe.train.label_smoothing),
+                  recipe.student.epochs, recipe.train.lr, hard=hard)
+    qat = _qat(ctx, method, teacher, student, pairs) if recipe.distill.qat.epochs else None
+    metrics = _metrics(ctx, method.name, teacher, t_hist, t_source, student, s_hist, pairs, hard, resumed)
+    if qat is not None:
+        metrics["student"]["qat"] = qat
+    metrics["wall_s"] = time.perf_counter() - t_start
+    files: list[Path] = []
+    if ctx.world.main:  # the other ranks hold the same models and metrics; one writes the reports
+        images, _ = next(iter(ctx.data.test.batches(6, ctx.device)))
+        files = write_plots(run_dir, metrics, teacher, student, pairs, ctx.data.class_names, images,
+                            prepare_batch(images, ctx.mean, ctx.std))
+        if hard is not None:
+            files.append(plot_augmentors(hard, images, run_dir / "augmentor.png"))
+        write_json(run_dir / artifacts.METRICS, metrics)
+    barrier()
+    return DistillResult(run_dir, metrics,
+                         run_dir / artifacts.best_checkpoint("teacher") if t_source == "trained" else None,
+                         run_dir / artifacts.best_checkpoint("student"),
+                         [run_dir / artifacts.METRICS, run_dir / artifacts.LOG, *files])
+
+
+def _qat(ctx: _Ctx, method: Any, teacher: nn.Module | None, student: nn.Module, pairs: list[Any]) -> dict[str, Any]:
+    """Quantization-aware fine-tuning of the converged student (``edgekd.qat``) with the same
+    method and teacher, into ``student_qat_best.pt``; its section of metrics.json."""
+    from edgekd.qat import prepare_qat
+
+    recipe, cfg = ctx.recipe, ctx.recipe.distill.qat
+    if ctx.world.size > 1:
+        raise EdgekdError("distill.qat runs in one process: distil under torchrun without it, then run QAT alone "
+                          "(--resume with distill.qat.epochs set)")
+    batch = recipe.train.batch_size
+    steps = max(1, len(ctx.data.train) // batch) if len(ctx.data.train) >= batch else 1
+    total = max(1, round(cfg.epochs * steps))
+    taps = [p.student for p in pairs] if method.needs_features else []
+    sample = torch.zeros(1, ctx.data.channels, ctx.data.image_size, ctx.data.image_size, device=ctx.device)
+    freeze = {"freeze_bn_step": round(cfg.freeze_bn_after * total),
+              "freeze_observer_step": round(cfg.freeze_observers_after * total)}
+    t0 = time.perf_counter()
+    qat = prepare_qat(copy.deepcopy(student), taps, sample, **freeze)
+    hist = _fit(ctx, QAT_ROLE, qat, recipe.student.arch, recipe.student.model_kwargs(),
+                lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
+                                    label_smoothing=recipe.train.label_smoothing),
+                cfg.epochs, cfg.lr or recipe.train.lr / 100, meta_extra={"qat": {"taps": taps, **freeze}})
+    best = max(hist, key=lambda h: h["val_top1"] if not math.isnan(h["val_top1"]) else -1.0)
+    return {"checkpoint": artifacts.best_checkpoint(QAT_ROLE), "epochs": cfg.epochs, "steps": total,
+            "taps": taps, **freeze, "val_top1": best["val_top1"], "test_top1": best["test_top1"],
+            "wall_s": time.perf_counter() - t0, "history": hist}
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> str | None:
+    """A run dir that already holds a run is continued only with ``resume``; what resume did."""
     if run_dir.exists() and not run_dir.is_dir():
         raise EdgekdError(f"--out {run_dir} is a file, not a folder; choose another --out")
-    started = [p.name for p in (run_dir / "teacher_last.pt", run_dir / "student_last.pt", run_dir / "metrics.json")
+    started = [p.name for p in (run_dir / artifacts.last_checkpoint("teacher"),
+                                run_dir / artifacts.last_checkpoint("student"), run_dir / artifacts.METRICS)
                if p.exists()]
     if started and not resume:
         raise EdgekdError(f"{run_dir} already holds a run ({', '.join(started)}); pass --resume to continue it "
                           "or choose another --out")
-    resumed = None
-    if resume:
-        resumed = "continued" if started else "nothing to resume: started a new run"
-        if not started:
-            log.warning("nothing to resume in %s: starting a new run", run_dir)
-    method = get_method(recipe.distill.method)
+    if not resume:
+        return None
+    if not started:
+        log.warning("nothing to resume in %s: starting a new run", run_dir)
+    return "continued" if started else "nothing to resume: started a new run"
+
+
+def _context(recipe: Recipe, run_dir: Path, resume: bool, progress: Progress | None) -> _Ctx:
+    """The device, the process group (DDP under torchrun), the data, and the run dir with its recipe."""
     device = resolve_device(recipe.train.device)
     world = init(device.type)
     if world.size > 1:
@@ -402,103 +468,86 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
         if recipe.train.batch_size % world.size:
             raise EdgekdError(f"train.batch_size {recipe.train.batch_size} is the global batch and must divide among "
                               f"{world.size} processes; pick a multiple of {world.size}")
-    t_start = time.perf_counter()
     data = load_dataset(recipe.data, recipe.seed)
     if device.type == "cuda":
         data = data.to(device)  # small data sets live on the GPU; batches are index slices
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
-    ctx = _Ctx(recipe, data, device, run_dir, resume, progress if progress and world.main else _NoProgress(),
-               torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device), world)
+        write_text(run_dir / artifacts.RECIPE, yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    return _Ctx(recipe, data, device, run_dir, resume, progress if progress and world.main else _NoProgress(),
+                torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device), world)
 
-    teacher, t_hist, t_source = _teacher(ctx, method.needs_teacher)
 
-    scfg = recipe.student
-    s_kwargs = scfg.model_kwargs()
-    student = _new_student(recipe, data, device, ctx.weights_loaded)
-    pairs = []
-    s_taps = tap_candidates(scfg.arch, student, data.channels, data.image_size)
+def _stage_pairs(recipe: Recipe, method: Any, teacher: nn.Module | None, student: nn.Module,
+                 data: DataBundle) -> list[Any]:
+    """Teacher stage -> student stage pairs by spatial size, for the feature terms (and the
+    attention plot of kd runs); a method that matches feature maps needs them on both sides."""
+    s_taps = tap_candidates(recipe.student.arch, student, data.channels, data.image_size)
     if method.needs_features and not s_taps:
-        raise EdgekdError(f"method '{method.name}' matches feature maps, and a {scfg.arch} student has none; "
-                          "use --method kd (or ce)")
-    if teacher is not None and s_taps:  # also for the attention plot of kd runs
-        t_taps = tap_candidates(recipe.teacher.arch, teacher, data.channels, data.image_size)
-        if method.needs_features and not t_taps:
-            raise EdgekdError(f"method '{method.name}' matches feature maps, and a {recipe.teacher.arch} teacher has "
-                              "none; use --method kd (or ce)")
-        t_shapes = stage_shapes(teacher, t_taps, data.channels, data.image_size)
-        s_shapes = stage_shapes(student, s_taps, data.channels, data.image_size)
-        pairs = pair_stages(t_shapes, s_shapes)
-    hard = None
-    if recipe.distill.augment:
-        h = recipe.distill.hard
-        torch.manual_seed(recipe.seed + 2)
-        augmentor = get_augmentor(recipe.distill.augment, data.channels, data.image_size).to(device)
-        augmentor.prepare(lambda seed: data.train.batches(recipe.train.batch_size, device, seed=seed),
-                          run_dir / "vae.pt", device, recipe.seed)
-        hard = HardTraining(augmentor,
-                            mean=ctx.mean, std=ctx.std, temperature=recipe.distill.temperature, lambda_s=h.lambda_s,
-                            lambda_t=h.lambda_t, weight=h.weight, l_min=h.l_min, l_max=h.l_max,
-                            consecutive=h.consecutive, lr=h.lr, threshold=h.threshold, max_phase=h.max_phase)
-    s_hist = _fit(ctx, "student", student, scfg.arch, s_kwargs,
-                  lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
-                                      label_smoothing=recipe.train.label_smoothing),
-                  scfg.epochs, recipe.train.lr, hard=hard)
+        raise EdgekdError(f"method '{method.name}' matches feature maps, and a {recipe.student.arch} student has "
+                          "none; use --method kd (or ce)")
+    if teacher is None or not s_taps:
+        return []
+    t_taps = tap_candidates(recipe.teacher.arch, teacher, data.channels, data.image_size)
+    if method.needs_features and not t_taps:
+        raise EdgekdError(f"method '{method.name}' matches feature maps, and a {recipe.teacher.arch} teacher has "
+                          "none; use --method kd (or ce)")
+    return pair_stages(stage_shapes(teacher, t_taps, data.channels, data.image_size),
+                       stage_shapes(student, s_taps, data.channels, data.image_size))
 
+
+def _hard(ctx: _Ctx) -> HardTraining | None:
+    """HARD's augmentor game (Nix et al. 2023) when the recipe asks for an augmentor, else None."""
+    recipe, data, device = ctx.recipe, ctx.data, ctx.device
+    if not recipe.distill.augment:
+        return None
+    h = recipe.distill.hard
+    torch.manual_seed(recipe.seed + 2)
+    augmentor = get_augmentor(recipe.distill.augment, data.channels, data.image_size).to(device)
+    augmentor.prepare(lambda seed: data.train.batches(recipe.train.batch_size, device, seed=seed),
+                      ctx.run_dir / "vae.pt", device, recipe.seed)
+    return HardTraining(augmentor, mean=ctx.mean, std=ctx.std, temperature=recipe.distill.temperature,
+                        lambda_s=h.lambda_s, lambda_t=h.lambda_t, weight=h.weight, l_min=h.l_min, l_max=h.l_max,
+                        consecutive=h.consecutive, lr=h.lr, threshold=h.threshold, max_phase=h.max_phase)
+
+
+def _hard_section(hard: HardTraining, augment: str) -> dict[str, Any]:
+    return {"augmentor": augment, "pool": len(hard.pool), "switches": hard.switches,
+            "l_min": hard.l_min, "l_max": hard.l_max, "consecutive": hard.k,
+            "max_phase": hard.max_phase, "phases_ended_by_cap": hard.capped,
+            "switch_metric": "student-teacher top-1 disagreement on augmented batches, percent"
+            + (", less that on the same batch un-augmented" if hard.relative else ""),
+            "phase_log_columns": ["iteration", "phase", "disagreement"],
+            "phase_log": hard.phase_log}
+
+
+def _metrics(ctx: _Ctx, method: str, teacher: nn.Module | None, t_hist: list[dict[str, float]], t_source: str,
+             student: nn.Module, s_hist: list[dict[str, float]], pairs: list[Any], hard: HardTraining | None,
+             resumed: str | None) -> dict[str, Any]:
+    """metrics.json (schema ``edgekd.metrics/1``): both models' final scores, their agreement, the
+    baseline's when asked for, and how the run went."""
+    recipe, scfg = ctx.recipe, ctx.recipe.student
     s_eval, s_pred = _final_eval(ctx, student)
-    t_section = None
-    agreement = None
-    t_pred = None
+    t_section = agreement = t_pred = None
     if teacher is not None:
         t_eval, t_pred = _final_eval(ctx, teacher)
         agreement = 100.0 * (t_pred == s_pred).float().mean().item()
         t_section = {"arch": recipe.teacher.arch, "params": count_params(teacher), "source": t_source,
-                     "checkpoint": "teacher_best.pt" if t_source == "trained" else recipe.teacher.checkpoint,
-                     **t_eval, "epochs": t_hist}
+                     "checkpoint": artifacts.best_checkpoint("teacher") if t_source == "trained"
+                     else recipe.teacher.checkpoint, **t_eval, "epochs": t_hist}
     b_section, gain = None, None
-    if recipe.distill.baseline and method.name != "ce":
+    if recipe.distill.baseline and method != "ce":
         b_section = _baseline(ctx, t_pred)
         gain = {"test_top1": s_eval["test_top1"] - b_section["test_top1"],
                 "shifted_top1": s_eval["shifted_top1"] - b_section["shifted_top1"],
                 "agreement_top1": (agreement - b_section["agreement_top1"]) if agreement is not None else None}
-    s_section = {"arch": scfg.arch, "params": count_params(student), "method": method.name,
-                 "checkpoint": "student_best.pt", **s_eval, "epochs": s_hist, "epochs_run": len(s_hist),
-                 "stopped_early": len(s_hist) < scfg.epochs}
+    s_section = {"arch": scfg.arch, "params": count_params(student), "method": method,
+                 "checkpoint": artifacts.best_checkpoint("student"), **s_eval, "epochs": s_hist,
+                 "epochs_run": len(s_hist), "stopped_early": len(s_hist) < scfg.epochs}
     if hard is not None:
-        s_section["hard"] = {"augmentor": recipe.distill.augment, "pool": len(hard.pool), "switches": hard.switches,
-                             "l_min": hard.l_min, "l_max": hard.l_max, "consecutive": hard.k,
-                             "max_phase": hard.max_phase, "phases_ended_by_cap": hard.capped,
-                             "switch_metric": "student-teacher top-1 disagreement on augmented batches, percent"
-                             + (", less that on the same batch un-augmented" if hard.relative else ""),
-                             "phase_log_columns": ["iteration", "phase", "disagreement"],
-                             "phase_log": hard.phase_log}
-    metrics = {
-        "schema": METRICS_SCHEMA,
-        "edgekd_version": __version__,
-        "recipe": recipe.model_dump(),
-        "device": str(device),
-        "dataset": data.describe(),
-        "method": method.name,
-        "stage_pairs": [p.as_dict() for p in pairs],
-        "teacher": t_section,
-        "student": s_section,
-        "agreement_top1": agreement,
-        "baseline": b_section,
-        "gain_over_baseline": gain,
-        "wall_s": time.perf_counter() - t_start,
-        "resume": resumed,
-        "weights_loaded": ctx.weights_loaded,
-    }
-    metrics["world_size"] = world.size
-    files: list[Path] = []
-    if world.main:  # the other ranks hold the same models and metrics; one writes the reports
-        images, _ = next(iter(data.test.batches(6, device)))
-        files = write_plots(run_dir, metrics, teacher, student, pairs, data.class_names, images,
-                            prepare_batch(images, ctx.mean, ctx.std))
-        if hard is not None:
-            files.append(plot_augmentors(hard, images, run_dir / "augmentor.png"))
-        write_json(run_dir / "metrics.json", metrics)
-    barrier()
-    return DistillResult(run_dir, metrics, run_dir / "teacher_best.pt" if t_source == "trained" else None,
-                         run_dir / "student_best.pt", [run_dir / "metrics.json", run_dir / "log.csv", *files])
+        s_section["hard"] = _hard_section(hard, recipe.distill.augment or "")
+    return {"schema": artifacts.METRICS_SCHEMA, "edgekd_version": __version__, "recipe": recipe.model_dump(),
+            "device": str(ctx.device), "dataset": ctx.data.describe(), "method": method,
+            "stage_pairs": [p.as_dict() for p in pairs], "teacher": t_section, "student": s_section,
+            "agreement_top1": agreement, "baseline": b_section, "gain_over_baseline": gain, "wall_s": None,
+            "resume": resumed, "weights_loaded": ctx.weights_loaded, "world_size": ctx.world.size}

@@ -25,7 +25,7 @@ from edgekd.models.vit import vit
 from edgekd.models.zoo import build_zoo_model, is_zoo_name, zoo_tap_candidates
 
 __all__ = ["SMALL_INPUT", "FeatureTaps", "StagePair", "build_model", "count_params", "pair_stages", "stage_shapes",
-           "tap_candidates", "TEACHERS", "STUDENTS"]
+           "tap_candidates", "TEACHERS", "STUDENTS", "build_from_checkpoint"]
 
 TEACHERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet(18), "resnet34": _resnet(34), "resnet50": _resnet(50), "cnn": SmallCNN,
@@ -59,3 +59,15 @@ def tap_candidates(arch: str, model: nn.Module, in_channels: int = 1, image_size
     if is_zoo_name(arch):
         return zoo_tap_candidates(arch, model, in_channels, image_size)
     return TAP_CANDIDATES["resnet" if arch.startswith("resnet") else arch](model)
+
+
+def build_from_checkpoint(ckpt: dict, path: object) -> nn.Module:
+    """A model rebuilt from an edgekd checkpoint's metadata, with its weights loaded."""
+    try:
+        model = build_model(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
+                            **ckpt.get("model_kwargs", {}))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:120]
+        raise EdgekdError(f"checkpoint {path}: weights do not fit its architecture ({first})") from None
+    return model

@@ -13,6 +13,11 @@ gives the normalisation ``(x / 255 - mean) / std``. Quantised inputs and outputs
 from the tensor details; NHWC files get transposed input.
 
 Exit 0 with the result; exit 2 with ``{"error": ...}`` (one line) when something is missing.
+
+It ships inside the edgekd package (``edgekd/runner.py``), and ``edgekd bench`` pushes this very
+file to the board as ``edgekd_runner.py``; on the host edgekd imports its int8 (de)quantisation
+and its timing loop, so the board and the host measure the same way. It imports nothing of
+edgekd: keep it so.
 """
 
 from __future__ import annotations
@@ -125,7 +130,6 @@ class TFLiteModel:
     def __init__(self, path: str, threads: int, channels: int):
         import numpy as np
 
-        self.np = np
         self.it, self.runtime = _tflite_interpreter(path, threads)
         self.it.allocate_tensors()
         self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
@@ -135,25 +139,15 @@ class TFLiteModel:
         self.input_dtype = np.dtype(self.inp["dtype"]).name
 
     def set_input(self, x) -> None:  # x: float32 1xCxHxW, normalised
-        np = self.np
         if self.nhwc:
             x = x.transpose(0, 2, 3, 1)
-        if self.inp["dtype"] != np.float32:
-            scale, zero = self.inp["quantization"]
-            info = np.iinfo(self.inp["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x, dtype=self.inp["dtype"]))
+        self.it.set_tensor(self.inp["index"], quantize(x, self.inp["dtype"], self.inp["quantization"]))
 
     def invoke(self) -> None:
         self.it.invoke()
 
     def output(self):
-        np = self.np
-        y = self.it.get_tensor(self.out["index"])
-        if self.out["dtype"] != np.float32:
-            scale, zero = self.out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        return y
+        return dequantize(self.it.get_tensor(self.out["index"]), self.out["quantization"])
 
 
 class OnnxModel:
@@ -177,6 +171,41 @@ class OnnxModel:
 
     def output(self):
         return self.y
+
+
+def quantize(x, dtype, quantization):
+    """A float tensor as a file's input takes it: unchanged for a float input, else
+    ``round(x / scale + zero_point)`` clipped to the integer type (TFLite's affine int8 scheme)."""
+    import numpy as np
+
+    if np.dtype(dtype).kind == "f":
+        return np.ascontiguousarray(x, dtype=dtype)
+    scale, zero = quantization
+    info = np.iinfo(dtype)
+    return np.ascontiguousarray(np.clip(np.round(x / scale + zero), info.min, info.max), dtype=dtype)
+
+
+def dequantize(y, quantization):
+    """A file's output as float32: ``(q - zero_point) * scale`` for an integer output."""
+    import numpy as np
+
+    if y.dtype.kind == "f":
+        return y.astype(np.float32, copy=False)
+    scale, zero = quantization
+    return (y.astype(np.float32) - zero) * scale
+
+
+def time_invokes(invoke, warmup: int, runs: int) -> list:
+    """Milliseconds of ``runs`` calls of ``invoke`` after ``warmup`` untimed ones: the one timing
+    loop of edgekd (the board, the export's ToMe choice and benchmarks/ all use it)."""
+    for _ in range(warmup):
+        invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        invoke()
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    return times
 
 
 def _percentile(sorted_values: list, q: float) -> float:
@@ -216,13 +245,7 @@ def run(args: argparse.Namespace) -> dict:
     load_ms = (time.perf_counter_ns() - t0) / 1e6
     rss_loaded = _rss_kb()
 
-    for _ in range(args.warmup):
-        model.invoke()
-    times = []
-    for _ in range(args.runs):
-        start = time.perf_counter_ns()
-        model.invoke()
-        times.append((time.perf_counter_ns() - start) / 1e6)
+    times = time_invokes(model.invoke, args.warmup, args.runs)
     rss_after_timing = _rss_kb()
 
     correct = 0

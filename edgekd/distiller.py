@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from edgekd.distill.methods import Method, Outputs
+from edgekd.losses.methods import Method, Outputs
 from edgekd.models import FeatureTaps, StagePair
 from edgekd.recipe import DistillConfig
 
@@ -29,7 +29,9 @@ class Distiller(nn.Module):
                               nn.BatchNorm2d(p.teacher_shape[0]))
                 for p in self.pairs
             )
-        self._s_taps = FeatureTaps(student, [p.student for p in self.pairs]) if self.pairs else None
+        # a student that returns its own features (a QAT graph, edgekd.qat) brings its taps along
+        self._s_taps = (getattr(student, "feature_taps", None) or FeatureTaps(student, [p.student for p in self.pairs])
+                        if self.pairs else None)
         self._t_taps = FeatureTaps(self.teacher, [p.teacher for p in self.pairs]) if self.pairs else None
 
     def train(self, mode: bool = True) -> "Distiller":

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgekd.distill.losses import at_loss, hint_loss, kd_loss
+from edgekd.losses.terms import at_loss, hint_loss, kd_loss
 from edgekd.errors import EdgekdError
 
 TERMS = ("ce", "kd", "at", "fitnet", "hard")  # hard: HARD's student term (edgekd.augment.hard)
