@@ -26,7 +26,7 @@ def _venv_with_the_wheel(tmp_path: Path) -> Path:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--disable-pip-version-check", str(wheel)], check=True)
+                    "--disable-pip-version-check", "--ignore-installed", str(wheel)], check=True)
     return venv
 
 
