@@ -114,8 +114,12 @@ def current_bench(export_dir: Path, hosts: set[str]) -> dict[str, Any] | None:
     report = read_json(bench_json)
     if report is None:
         return None
-    finished = {h for h, v in report.get("hosts", {}).items() if v.get("status", "ok") == "ok"}
-    return report if finished == hosts else None
+    return report if set(finished_hosts(report)) == hosts else None
+
+
+def finished_hosts(report: dict[str, Any]) -> dict[str, Any]:
+    """The hosts of a bench report whose bench finished."""
+    return {h: v for h, v in report.get("hosts", {}).items() if v.get("status", "ok") == "ok"}
 
 
 def contract_markdown() -> str:

@@ -152,7 +152,8 @@ def foreign_format(path: Path) -> str | None:
         return ("it is an ONNX model, not PyTorch weights; edgekd needs the trained PyTorch weights: "
                 f"{how} (an ONNX graph cannot be fine-tuned or tapped for features)")
     if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
         if any(n.endswith("config.json") for n in names) and any(n.endswith(".weights.h5") for n in names):
             return f"it is a Keras 3 model (.keras), not PyTorch weights; port the model to PyTorch, then {how}"
         if any("/code/" in n or n.endswith("/constants.pkl") for n in names):

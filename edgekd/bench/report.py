@@ -62,9 +62,7 @@ def build_report(export_dir: Path, profile: DeviceProfile, outcomes: dict[str, d
             **({"tome": tome} if tome else {})}
 
 
-def ok_hosts(report: dict[str, Any]) -> dict[str, Any]:
-    """The hosts of a bench report whose bench finished."""
-    return {h: v for h, v in report["hosts"].items() if v.get("status", "ok") == "ok"}
+ok_hosts = artifacts.finished_hosts  # the one rule of which hosts finished
 
 
 def write_report(export_dir: Path, report: dict[str, Any]) -> list[Path]:
