@@ -447,6 +447,74 @@ def run(
     raise typer.Exit(code)
 
 
+class _SearchLines:
+    """The search's progress: a line per trial, with trial n/N and the best so far."""
+
+    def trial_started(self, number: int, done: int, total: int, label: str) -> None:
+        console.print(f"[bold]trial {done + 1}/{total}[/] (#{number}) {label}", highlight=False)
+
+    def trial_ended(self, row: dict[str, Any], done: int, total: int, best: dict[str, Any] | None) -> None:
+        figures = f"p90 {row['p90_ms']:.3f} ms, {row['size_mb']:.3f} MB" if row["p90_ms"] is not None else ""
+        val = f"int8 val {row['val_top1']:.2f}%" if row["val_top1"] is not None else ""
+        best_text = f"  best so far: {best['config']} {best['val_top1']:.2f}%" if best else "  no trial inside the budget yet"
+        console.print(f"  -> {row['state']}  {val}  {figures}  {row['reason'][:100]}".rstrip() + f"  [{done}/{total}]"
+                      + best_text, highlight=False)
+
+
+@app.command()
+def search(
+    recipe: Path = _RECIPE,
+    budget: Optional[str] = typer.Option(None, help="limits of the int8 file on the target, e.g. "
+                                         "'p90_ms<=20,size_mb<=2,rss_mb<=100' [default: the recipe's search.budget]"),
+    target: str = typer.Option("local", help="local: time candidates on this machine; with --host, the board"),
+    host: Optional[str] = typer.Option(None, help="USER@BOARD or an ~/.ssh/config alias: time candidates there"),
+    device: Optional[str] = typer.Option(None, help="device profile: local, rpi4, rpi5, generic-arm64 "
+                                         "[default: local, or generic-arm64 with --host]"),
+    trials: Optional[int] = typer.Option(None, min=1, help="trials of the study, all workers together "
+                                         "[default: the recipe's search.trials]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="search directory [default: runs/<name>-search]"),
+    study: Optional[str] = typer.Option(None, help="Optuna storage URL shared by several workers, e.g. "
+                                        "postgresql://user@db/edgekd [default: sqlite:///DIR/study.db]"),
+    port: Optional[int] = _PORT,
+    identity: Optional[Path] = _IDENTITY,
+    known_hosts: Optional[Path] = _KNOWN_HOSTS,
+    accept_new_host_key: bool = _ACCEPT_NEW,
+    set_: list[str] = typer.Option([], "--set", help="override any recipe field: --set search.trials=8"),
+) -> None:
+    """Find the best int8 student for a board under its budgets: every candidate distilled from
+    one teacher and measured on the target (Optuna; workers may share one --study)."""
+    import optuna
+
+    from edgekd.recipe import load_recipe
+    from edgekd.search import SearchTarget, parse_budget, search as run_search
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the trials' lines are printed below
+    with _user_errors("run the same command again to continue the study where it stopped"):
+        rec = load_recipe(recipe, _parse_sets(set_))
+        limits = parse_budget(budget if budget is not None else rec.search.budget)
+        if target != "local":
+            raise EdgekdError(f"--target {target!r}: use --target local, or --host USER@BOARD for a board")
+        dev = device or ("generic-arm64" if host else "local")
+        ssh = _ssh_options(port or rec.bench.port, identity, known_hosts, accept_new_host_key)
+        where = SearchTarget(dev, host, ssh, rec.bench)
+        out_dir = out or Path("runs") / f"{rec.name}-search"
+        with _RichProgress() as progress:
+            result = run_search(rec, out_dir, budget=limits, target=where, trials=trials, storage=study,
+                                progress=_SearchLines(), distill_progress=progress)
+    console.print(f"study {result.study_name}: {len(result.trials)} trials, {len(result.front)} on the front "
+                  f"({result.storage})", highlight=False)
+    w = result.winner
+    if w is None:
+        err_console.print("[bold red]no winner:[/] no trained candidate stayed inside the budget; loosen --budget "
+                          "or add smaller students or input sizes to search:")
+        raise typer.Exit(1)
+    console.print(f"winner {w['config']}: int8 val top-1 {w['val_top1']:.2f}%, test top-1 {w['test_top1']:.2f}%, "
+                  f"p90 {w['remeasured']['p90_ms']:.3f} ms (measured again), {w['remeasured']['size_mb']:.3f} MB",
+                  highlight=False)
+    console.print(f"export dir: {w['export_dir']}\nreproduce: edgekd run {result.best_recipe}\n"
+                  f"report: {out_dir / 'search.md'}", highlight=False)
+
+
 @app.command()
 def recipes(name: Optional[str] = typer.Argument(None, help="print this recipe's YAML, e.g. to start your own "
                                                  "from: edgekd recipes fashion_mnist_quick > my.yaml")) -> None:

@@ -39,8 +39,8 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     """Run every stage of ``recipe`` into ``out_dir``; ``hosts`` overrides the recipe's bench hosts."""
     run_dir = Path(out_dir)
     stages: dict[str, str] = {}
-    metrics = _distill(recipe, run_dir, stages, progress)
-    export_report = _export(recipe.export, run_dir, recipe.student.arch, stages)
+    metrics, stages["distill"] = ensure_distilled(recipe, run_dir, progress)
+    export_report, stages["export"] = ensure_exported(recipe.export, run_dir, recipe.student.arch)
     drop = export_report.get("int8_drop_top1")
     exceeded = drop is not None and drop > recipe.export.max_int8_drop
     bench_report = _bench(recipe.bench, run_dir / artifacts.EXPORT_DIR, hosts, ssh, stages)
@@ -55,31 +55,31 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     return RunResult(run_dir, stages, metrics, export_report, bench_report, gate_result, exceeded)
 
 
-def _distill(recipe: Recipe, run_dir: Path, stages: dict[str, str], progress: Progress | None) -> dict[str, Any]:
-    """metrics.json of the run: a finished one is kept (when it was distilled with this recipe)."""
+def ensure_distilled(recipe: Recipe, run_dir: Path, progress: Progress | None = None) -> tuple[dict[str, Any], str]:
+    """metrics.json of the run: a finished one is kept (when it was distilled with this recipe), a
+    started one resumes; and what was done."""
     metrics = artifacts.read_json(run_dir / artifacts.METRICS)
     if metrics is not None and (run_dir / artifacts.best_checkpoint("student")).is_file():
         diff = _recipe_diff(recipe_from_dict(metrics.get("recipe", {})).model_dump(), recipe.model_dump())
         if diff:
             raise EdgekdError(f"{run_dir} was distilled with another recipe (key '{diff[0]}': {diff[1]!r} -> "
                               f"{diff[2]!r}); use the same recipe or pick a new --out")
-        stages["distill"] = "skipped (metrics.json exists)"
-        return metrics
+        return metrics, "skipped (metrics.json exists)"
     started = any((run_dir / artifacts.last_checkpoint(r)).exists() for r in ("teacher", "student"))
     metrics = distill(recipe, run_dir, resume=started, progress=progress).metrics
-    stages["distill"] = "resumed" if started else "ran"
-    return metrics
+    return metrics, "resumed" if started else "ran"
 
 
-def _export(e: ExportConfig, run_dir: Path, student_arch: str, stages: dict[str, str]) -> dict[str, Any]:
-    """export.json: the current one when it was made from this student_best.pt with these settings."""
+def ensure_exported(e: ExportConfig, run_dir: Path, student_arch: str, *,
+                    val: bool = False) -> tuple[dict[str, Any], str]:
+    """export.json: the current one when it was made from this student_best.pt with these settings
+    (and scored on validation images, with ``val``), else a new export; and what was done."""
     report = artifacts.current_export(run_dir, e.formats, e.int8, resolve_converter(e.converter, student_arch))
-    if report is not None:
-        stages["export"] = "skipped (export.json matches student_best.pt and the export: section)"
-        return report
-    stages["export"] = "ran"
+    if report is not None and (not val or all("val_top1" in a for n, a in report["artifacts"].items()
+                                               if n.startswith("student"))):
+        return report, "skipped (export.json matches student_best.pt and the export: section)"
     return export(run_dir, formats=tuple(e.formats), int8=e.int8, calib=e.calib, max_int8_drop=e.max_int8_drop,
-                  converter=e.converter, samples=e.samples).report
+                  converter=e.converter, samples=e.samples, val=val).report, "ran"
 
 
 def _bench(b: BenchConfig, export_dir: Path, hosts: tuple[str, ...], ssh: SSHOptions | None,

@@ -227,6 +227,42 @@ class GateConfig(_Strict):
     max_int8_drop: float | None = Field(None, description="int8 vs fp32 top-1 points, from export.json")
 
 
+class SearchProxyConfig(_Strict):
+    """What one search trial trains: a short budget that ranks candidates (the best are retrained
+    at the recipe's own budget)."""
+
+    epochs: int = Field(1, ge=1, description="student epochs of a trial")
+    train_subset: int | None = Field(2000, ge=10, description="training images of a trial (seeded; the "
+                                     "validation share is held out of them); None = the recipe's data")
+
+
+class SearchConfig(_Strict):
+    """The space ``edgekd search`` looks in and how it looks; every combination is checked on load."""
+
+    students: list[str] = Field(default_factory=lambda: ["mobilenet_v2"], description="student archs: short "
+                                "names (mobilenet_v2, mlp, vit) or timm/<name>, torchvision/<name>")
+    width_mults: list[float] = Field(default_factory=lambda: [0.35], description="channel multipliers, for the "
+                                     "students that have one (mobilenet_v2); zoo names carry their own width")
+    image_sizes: list[int] = Field(default_factory=lambda: [28], description="student input sizes, pixels "
+                                   "(upscaling keeps a stride-32 family's maps); the teacher keeps its own")
+    methods: list[str] = Field(default_factory=lambda: ["atkd"], description="distillation methods (edgekd "
+                               "methods)")
+    quantization: list[Literal["ptq", "qat"]] = Field(default_factory=lambda: ["ptq"], description="int8 by "
+                                                      "post-training calibration, or QAT (distill.qat)")
+    qat_epochs: float = Field(1.0, gt=0, description="QAT epochs of a qat candidate")
+    tome_r: list[int] = Field(default_factory=lambda: [0], description="ToMe tokens merged per block, for vit "
+                              "students")
+    proxy: SearchProxyConfig = Field(default_factory=SearchProxyConfig)
+    trials: int = Field(12, ge=1, description="trials of the study, all workers together")
+    budget: str | None = Field(None, description="the budgets, e.g. 'p90_ms<=20,size_mb<=2,rss_mb<=100' "
+                               "(keys: p50_ms, p90_ms, p99_ms, size_mb, rss_mb); --budget overrides")
+    best_k: int = Field(3, ge=0, description="the best trials of the Pareto front inside the budgets, retrained "
+                        "at the recipe's budget, exported and benched; the winner is the best of them")
+    sampler_seed: int = Field(0, description="seeds Optuna's sampler")
+    prune: bool = Field(True, description="stop a trial whose validation top-1 after an epoch is in the bottom "
+                        "quarter of the trials' at that epoch (Optuna's PercentilePruner; never at the last epoch)")
+
+
 class Recipe(_Strict):
     name: str = Field("recipe", description="default run directory: runs/<name>")
     seed: int = Field(0, description="seeds data splits, initialisation, batch order and augmentation")
@@ -238,6 +274,7 @@ class Recipe(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
 
 def _first_error(err: ValidationError) -> str:

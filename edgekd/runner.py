@@ -14,6 +14,10 @@ from the tensor details; NHWC files get transposed input.
 
 Exit 0 with the result; exit 2 with ``{"error": ...}`` (one line) when something is missing.
 
+One model is timed at a time on a board: each run holds an exclusive lock on ``--lock`` (default
+``$TMPDIR/edgekd-board.lock``) from loading to its last invoke, so benches started by several
+users or search workers wait for each other instead of sharing the cores (``lock_wait_ms``).
+
 It ships inside the edgekd package (``edgekd/runner.py``), and ``edgekd bench`` pushes this very
 file to the board as ``edgekd_runner.py``; on the host edgekd imports its int8 (de)quantisation
 and its timing loop, so the board and the host measure the same way. It imports nothing of
@@ -30,7 +34,9 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 
 SCHEMA = "edgekd.runner/1"
 
@@ -216,7 +222,31 @@ def _percentile(sorted_values: list, q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+@contextmanager
+def board_lock(path: str):
+    """Hold an exclusive lock on ``path`` (created if need be); '' holds nothing. Yields the wait, ms."""
+    if not path:
+        yield 0.0
+        return
+    import fcntl  # POSIX; the boards are Linux
+
+    t0 = time.perf_counter_ns()
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: another user's lock file works too
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield (time.perf_counter_ns() - t0) / 1e6
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def run(args: argparse.Namespace) -> dict:
+    with board_lock(args.lock) as waited_ms:
+        result = _measure(args)
+    result["lock_wait_ms"] = round(waited_ms, 1)
+    return result
+
+
+def _measure(args: argparse.Namespace) -> dict:
     try:
         import numpy as np
     except ImportError:
@@ -282,6 +312,8 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--lock", default=os.path.join(tempfile.gettempdir(), "edgekd-board.lock"),
+                    help="one measurement at a time on this board: the lock file ('' = no lock)")
     args = ap.parse_args(argv)
     if args.runs < 1 or args.threads < 1 or args.warmup < 0:
         print(json.dumps({"schema": SCHEMA, "error": "--runs and --threads must be >= 1, --warmup >= 0"}))

@@ -45,7 +45,7 @@ def bench(export_dir: str | Path, device: str = _DEFAULTS.device, hosts: tuple[s
     ``tome_auto``: time every int8 ToMe schedule the export dir has on each target and pick, per
     target, the fastest within ``tome_max_drop`` validation points of r = 0 that beats r = 0."""
     export_dir = Path(export_dir)
-    profile = _check_target(device, hosts, runs, samples, warmup, ssh)
+    profile = check_target(device, hosts, runs, samples, warmup, ssh)
     auto_files = tome_auto_files(export_dir) if tome_auto else {}
     present = _models_present(export_dir, models, tome_sweep, tuple(auto_files))
     threads = threads or profile.threads
@@ -66,7 +66,7 @@ def bench(export_dir: str | Path, device: str = _DEFAULTS.device, hosts: tuple[s
     return BenchResult(bench_json, report, files)
 
 
-def _check_target(device: str, hosts: tuple[str, ...], runs: int, samples: int, warmup: int,
+def check_target(device: str, hosts: tuple[str, ...], runs: int, samples: int, warmup: int,
                   ssh: SSHOptions | None) -> DeviceProfile:
     if device not in PROFILES:
         raise EdgekdError(f"unknown device '{device}'; choose from {', '.join(PROFILES)}")

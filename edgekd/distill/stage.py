@@ -37,6 +37,7 @@ from edgekd.distiller import Distiller
 from edgekd.losses.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_from_checkpoint, build_model, count_params, pair_stages, stage_shapes, tap_candidates
+from edgekd.models.resize import resize_input
 from edgekd.models.weights import load_weights
 from edgekd.recipe import Recipe, recipe_from_dict
 from edgekd.distributed import World, barrier, init
@@ -45,7 +46,7 @@ from edgekd.train import unwrap, evaluate, make_optimizer, make_scheduler, predi
 
 log = logging.getLogger(__name__)
 QAT_ROLE = "student_qat"  # its checkpoints: student_qat_best.pt, student_qat_last.pt
-_RESUME_IGNORED = {("train", "device"), ("export",), ("bench",), ("gate",)}  # not training
+_RESUME_IGNORED = {("train", "device"), ("export",), ("bench",), ("gate",), ("search",)}  # not training
 
 
 class Progress(Protocol):
@@ -264,11 +265,16 @@ def _teacher(ctx: _Ctx, needs_teacher: bool) -> tuple[nn.Module | None, list[dic
             raise EdgekdError(
                 f"teacher checkpoint {tcfg.checkpoint} was trained on {len(ckpt.get('class_names', []))} other "
                 f"classes than this data's {data.num_classes}; train a teacher on this dataset (unset teacher.checkpoint)")
-        if (ckpt.get("in_channels"), ckpt.get("image_size")) != (data.channels, data.image_size):
+        if ckpt.get("in_channels") != data.channels:
             raise EdgekdError(
-                f"teacher checkpoint {tcfg.checkpoint} takes {ckpt.get('in_channels')}x{ckpt.get('image_size')}px "
-                f"input, the recipe gives {data.channels}x{data.image_size}px; set data.image_size to match")
-        return build_from_checkpoint(ckpt, tcfg.checkpoint).to(ctx.device), [], f"checkpoint:{tcfg.checkpoint}"
+                f"teacher checkpoint {tcfg.checkpoint} takes {ckpt.get('in_channels')}-channel input, the data has "
+                f"{data.channels}; use a teacher trained on this dataset (unset teacher.checkpoint)")
+        model = build_from_checkpoint(ckpt, tcfg.checkpoint).to(ctx.device)
+        if ckpt.get("image_size") != data.image_size:  # it keeps its own size: each batch is resized for it
+            resize_input(model, int(ckpt["image_size"]))
+            log.info("teacher: trained at %s px, the student at %d px: batches are resized for the teacher",
+                     ckpt["image_size"], data.image_size)
+        return model, [], f"checkpoint:{tcfg.checkpoint}"
     if tcfg.epochs == 0 and not tcfg.pretrained and not tcfg.weights:
         if needs_teacher:
             raise EdgekdError("the method needs a teacher: set teacher.epochs > 0, teacher.weights or "
@@ -375,6 +381,32 @@ def _baseline(ctx: _Ctx, t_pred: torch.Tensor | None) -> dict[str, Any]:
     agreement = 100.0 * (t_pred == b_pred).float().mean().item() if t_pred is not None else None
     return {"arch": recipe.student.arch, "params": count_params(model), "method": "ce", "source": source,
             "cache_key": key, **b_eval, "agreement_top1": agreement, "epochs": history}
+
+
+def _teacher_size(recipe: Recipe, data_size: int) -> int:
+    """The input size the teacher sees: its checkpoint's (batches are resized for it), else the data's."""
+    if recipe.teacher.checkpoint:
+        return int(load_checkpoint(recipe.teacher.checkpoint).get("image_size") or data_size)
+    return data_size
+
+
+def train_teacher(recipe: Recipe, out_dir: str | Path, progress: Progress | None = None) -> Path:
+    """Only the teacher of ``recipe`` (trained, or resumed from its last epoch) into ``out_dir``:
+    its ``teacher_best.pt``, for runs that share one teacher (``teacher.checkpoint``)."""
+    ctx = _context(recipe, Path(out_dir), True, progress)
+    _teacher(ctx, needs_teacher=True)
+    return ctx.run_dir / artifacts.best_checkpoint("teacher")
+
+
+def initial_student(recipe: Recipe, out_dir: str | Path) -> Path:
+    """``student_best.pt`` of the student at its initial weights, untrained: its exported file has
+    the size, latency and memory of the trained one (they do not depend on the weight values)."""
+    ctx = _context(recipe, Path(out_dir), False, None)
+    student = _new_student(recipe, ctx.data, ctx.device)
+    path = ctx.run_dir / artifacts.best_checkpoint("student")
+    save_checkpoint(path, {**_model_meta(ctx, "student", recipe.student.arch, recipe.student.model_kwargs()),
+                           "state_dict": student.state_dict(), "epoch": 0, "val_top1": float("nan")})
+    return path
 
 
 def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
@@ -533,6 +565,7 @@ def _metrics(ctx: _Ctx, method: str, teacher: nn.Module | None, t_hist: list[dic
         t_eval, t_pred = _final_eval(ctx, teacher)
         agreement = 100.0 * (t_pred == s_pred).float().mean().item()
         t_section = {"arch": recipe.teacher.arch, "params": count_params(teacher), "source": t_source,
+                     "image_size": _teacher_size(recipe, ctx.data.image_size),
                      "checkpoint": artifacts.best_checkpoint("teacher") if t_source == "trained"
                      else recipe.teacher.checkpoint, **t_eval, "epochs": t_hist}
     b_section, gain = None, None
@@ -542,6 +575,7 @@ def _metrics(ctx: _Ctx, method: str, teacher: nn.Module | None, t_hist: list[dic
                 "shifted_top1": s_eval["shifted_top1"] - b_section["shifted_top1"],
                 "agreement_top1": (agreement - b_section["agreement_top1"]) if agreement is not None else None}
     s_section = {"arch": scfg.arch, "params": count_params(student), "method": method,
+                 "image_size": ctx.data.image_size,
                  "checkpoint": artifacts.best_checkpoint("student"), **s_eval, "epochs": s_hist,
                  "epochs_run": len(s_hist), "stopped_early": len(s_hist) < scfg.epochs}
     if hard is not None:

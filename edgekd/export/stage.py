@@ -80,7 +80,7 @@ class _Inputs:
     test_x: np.ndarray
     test_y: np.ndarray
     calib_x: torch.Tensor | None
-    val_x: np.ndarray | None  # ViT students: validation top-1 chooses ToMe schedules
+    val_x: np.ndarray | None  # validation top-1 chooses ToMe schedules (a ViT) and search candidates
     val_y: np.ndarray | None
     samples: int
 
@@ -90,7 +90,7 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = tuple(_DEFAULTS.fo
            parity_images: int = 256, converter: str = _DEFAULTS.converter, samples: int = _DEFAULTS.samples,
            tome_r: tuple[int, ...] = (), tome_matchers: tuple[str, ...] = ("exact",), tome_bits: int = 16,
            tome_auto: bool = False, tome_max_drop: float = 0.5, tome_threads: int = 1,
-           tome_timer: Callable[[list[Path]], list[float]] | None = None) -> ExportResult:
+           tome_timer: Callable[[list[Path]], list[float]] | None = None, val: bool = False) -> ExportResult:
     """Export the student (and the teacher, when the run trained one) of ``run_dir``.
 
     ``formats``: onnx, tflite (fp32), fp16, dynamic; ``int8`` adds the full-integer student; the
@@ -101,10 +101,12 @@ def export(run_dir: str | Path, *, formats: tuple[str, ...] = tuple(_DEFAULTS.fo
     bits) also ``student-tome-r{r}-{matcher}`` files; ``tome_auto`` (``--tome-r auto``): the schedule
     timed fastest on this host by ``tome_timer`` (LiteRT at ``tome_threads`` threads) within
     ``tome_max_drop`` validation points of r = 0, exported as ``student-tome-auto-exact``.
+    ``val``: score the student's files on the validation images too (a ViT's always are); a
+    search chooses on them.
     """
     plan = _plan(Path(run_dir), formats, int8, calib, converter, samples, dynamic_batch, tome_r, tome_matchers,
                  tome_bits, tome_auto, tome_threads)
-    inputs = _inputs(plan, calib if int8 and plan.qat is None else 0, samples)
+    inputs = _inputs(plan, calib if int8 and plan.qat is None else 0, samples, val)
     auto = None
     if tome_auto:
         student = plan.jobs[0]
@@ -171,9 +173,10 @@ def _plan(run_dir: Path, formats: tuple[str, ...], int8: bool, calib: int, conve
                  "onnx" in formats, dynamic_batch, tome_bits, qat if int8 and qat.is_file() else None)
 
 
-def _inputs(plan: _Plan, calib: int, samples: int) -> _Inputs:
+def _inputs(plan: _Plan, calib: int, samples: int, val: bool) -> _Inputs:
     """The run's own images, normalised as it trained: test (parity and scores), calibration
-    (the first ``calib`` training images), validation for a ViT; writes samples.npz for the bench."""
+    (the first ``calib`` training images), validation for a ViT or ``val``; writes samples.npz for
+    the bench."""
     student = plan.jobs[0].ckpt
     recipe = recipe_from_dict(student["recipe"])
     data = load_dataset(recipe.data, recipe.seed)
@@ -187,7 +190,7 @@ def _inputs(plan: _Plan, calib: int, samples: int) -> _Inputs:
                               "section")
         calib_x = prepare_batch(calib_u8, mean, std)
     val_x = val_y = None
-    if student["arch"] == "vit" and len(data.val):
+    if (val or student["arch"] == "vit") and len(data.val):
         val_u8, val_labels = gather(data.val)
         val_x, val_y = prepare_batch(val_u8, mean, std).numpy(), val_labels.numpy()
     plan.out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,139 @@
+"""Does ``edgekd search`` find what brute force finds? The grid against the search.
+
+On the main job's data and teacher (``benchmarks/methods_main_teacher.pt``), targeting this host:
+1. the grid: every candidate of ``fashion_mnist_search``'s space (24) at the proxy budget, as
+   trials of one Optuna study (each enqueued), so each is distilled, exported and measured
+   exactly as a search trial is;
+2. two p90 budgets from the grid's own p90 spread (its 1/3 and 2/3 quantiles: both bind);
+3. for each budget, ``edgekd search`` with 25 % of the grid's trials and 3 sampler seeds; its
+   winner is the best trial inside the budget (best_k 0: no retraining), measured once more.
+The grid's best under a budget is judged on the grid's p90 figures. Every study lives in SQLite
+under ``--out``, and trial runs are shared by config (a config's distillation is deterministic,
+so a search that picks a config the grid trained reuses that run instead of training it again;
+it still measures the file itself, in its own study). Run it again to continue where it stopped.
+Writes ``benchmarks/search.json`` and ``benchmarks/search.md``.
+
+    nice -n 10 python benchmarks/search.py            # hours of CPU; resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from edgekd.checkpoint import write_json, write_text  # noqa: E402
+from edgekd.recipe import load_recipe  # noqa: E402
+from edgekd.search import SearchTarget, candidates, search, study_name  # noqa: E402
+from edgekd.search.report import trial_rows  # noqa: E402
+
+MAIN_JOB = "mobilenet_v2-w0.35-28px-atkd-ptq"  # the main job's hand-picked student
+MAIN_GATE = {"p90_ms": 15.0, "size_mb": 1.0}  # fashion_mnist_quick's gate (size and p90)
+TOLERANCE = 0.5  # validation points the search's winner may trail the grid's best
+
+
+def _grid(recipe, out: Path, target: SearchTarget) -> list[dict]:
+    import optuna
+
+    recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"prune": False})})  # every point
+    grid = candidates(recipe.search)
+    storage = f"sqlite:///{(out / 'grid.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=study_name(recipe, {}, target), direction="maximize",
+                                load_if_exists=True)
+    for c in grid:
+        study.enqueue_trial(c.params(), skip_if_exists=True)
+    result = search(recipe, out / "grid", budget={}, target=target, trials=len(grid), storage=storage,
+                    trial_dir=out / "trials", best_k=0)
+    return [{"config": r["config"], "val_top1": r["val_top1"], "p90_ms": r["p90_ms"], "size_mb": r["size_mb"],
+             "state": r["state"], "reason": r["reason"]} for r in result.trials]
+
+
+def _best(grid: list[dict], budget: dict) -> dict | None:
+    inside = [g for g in grid if g["val_top1"] is not None and all(g[k] <= v for k, v in budget.items())]
+    return max(inside, key=lambda g: g["val_top1"]) if inside else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=HERE / "search_runs")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--share", type=float, default=0.25, help="search trials as a share of the grid's")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("edgekd.export", "edgekd.bench", "edgekd.data", "onnx2tf", "tensorflow", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    teacher = HERE / "methods_main_teacher.pt"
+    recipe = load_recipe("fashion_mnist_search", {"teacher.checkpoint": str(teacher), "teacher.epochs": 0})
+    target = SearchTarget(bench=recipe.bench)
+    args.out.mkdir(parents=True, exist_ok=True)
+    grid = _grid(recipe, args.out, target)
+    p90s = sorted(g["p90_ms"] for g in grid if g["val_top1"] is not None)
+    budgets = [round(statistics.quantiles(p90s, n=3)[i], 3) for i in (0, 1)]
+    n = max(1, math.floor(args.share * len(grid)))
+    searches = []
+    for b in budgets:
+        for seed in args.seeds:
+            rec = recipe.model_copy(update={"search": recipe.search.model_copy(update={"sampler_seed": seed})})
+            r = search(rec, args.out / f"search-p90-{b:g}-seed{seed}", budget={"p90_ms": b}, target=target, trials=n,
+                       storage=f"sqlite:///{(args.out / 'searches.db').resolve()}", trial_dir=args.out / "trials",
+                       best_k=0)
+            w = r.winner
+            searches.append({"seed": seed, "budget_p90_ms": b, "trials": len(r.trials), "winner": None if w is None else
+                             {"config": w["config"], "val_top1": w["val_top1"], "p90_ms": w["measured"]["p90_ms"],
+                              "p90_ms_remeasured": w["remeasured"]["p90_ms"]}})
+            logging.info("search p90<=%g seed %d: %s", b, seed, searches[-1]["winner"])
+    main_job = next((g for g in grid if g["config"] == MAIN_JOB), None)
+    report = {"recipe": "fashion_mnist_search", "teacher": teacher.name, "target": target.id, "grid_size": len(grid),
+              "search_trials": n, "tolerance_pt": TOLERANCE, "grid": grid, "searches": searches,
+              "grid_best": {f"{b:g}": _best(grid, {"p90_ms": b}) for b in budgets},
+              "main_job": {"hand_picked": main_job, "gate": MAIN_GATE, "grid_best_under_gate": _best(grid, MAIN_GATE)}}
+    write_json(HERE / "search.json", report)
+    write_text(HERE / "search.md", _markdown(report, budgets))
+
+
+def _markdown(rep: dict, budgets: list[float]) -> str:
+    lines = ["# Does the search find what brute force finds?", "",
+             "Made by `nice -n 10 python benchmarks/search.py` (see its docstring for the method); figures in "
+             "`search.json`. Proxy budget: 2 epochs on 2,500 training images (the recipe's `search.proxy`), the main "
+             f"job's teacher; target `{rep['target']}` (this 2-core host; other jobs shared it, so latencies are "
+             "noisy). Objective: int8 validation top-1.", "",
+             f"## The grid ({rep['grid_size']} configurations)", "",
+             "| config | int8 val top-1 % | p90 ms | size MB | state |", "|---|---|---|---|---|"]
+    for g in sorted(rep["grid"], key=lambda g: -(g["val_top1"] or -1)):
+        v = f"{g['val_top1']:.2f}" if g["val_top1"] is not None else "–"
+        p = f"{g['p90_ms']:.3f}" if g["p90_ms"] is not None else "–"
+        s = f"{g['size_mb']:.3f}" if g["size_mb"] is not None else "–"
+        lines.append(f"| `{g['config']}` | {v} | {p} | {s} | {g['state']} {g['reason'][:80]} |")
+    lines += ["", f"## The search: {rep['search_trials']} trials ({rep['search_trials'] / rep['grid_size']:.0%} of the "
+              "grid), 3 seeds, 2 budgets", "",
+              "| p90 budget ms | seed | winner | val % | grid best | grid best val % | gap pt | within "
+              f"{rep['tolerance_pt']} pt | winner p90 (again) ms | holds budget |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in rep["searches"]:
+        best = rep["grid_best"][f"{s['budget_p90_ms']:g}"]
+        w = s["winner"]
+        if w is None or best is None:
+            lines.append(f"| {s['budget_p90_ms']:g} | {s['seed']} | none | | | | | no | | |")
+            continue
+        gap = best["val_top1"] - w["val_top1"]
+        lines.append(f"| {s['budget_p90_ms']:g} | {s['seed']} | `{w['config']}` | {w['val_top1']:.2f} | "
+                     f"`{best['config']}` | {best['val_top1']:.2f} | {gap:.2f} | {'yes' if gap <= rep['tolerance_pt'] else 'no'} | "
+                     f"{w['p90_ms_remeasured']:.3f} | {'yes' if w['p90_ms_remeasured'] <= s['budget_p90_ms'] else 'no'} |")
+    m = rep["main_job"]
+    hp, gb = m["hand_picked"], m["grid_best_under_gate"]
+    lines += ["", "## Against the main job's hand-picked student", "",
+              f"Under the main job's gate (p90 <= {m['gate']['p90_ms']:g} ms, <= {m['gate']['size_mb']:g} MB): the "
+              f"hand-picked `{hp['config'] if hp else '?'}` reaches {hp['val_top1'] if hp else float('nan'):.2f} % "
+              f"int8 validation top-1 at the proxy budget; the grid's best inside the gate is "
+              f"`{gb['config'] if gb else '-'}` at {gb['val_top1'] if gb else float('nan'):.2f} %.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""``search(recipe, out_dir, budget, target) -> SearchResult``: the best int8 student for a
+board under its budgets, every candidate distilled and measured on the board.
+
+The engine is Optuna: one study in an RDB storage (``DIR/study.db`` by default, or any database
+URL, so workers on several machines share it), maximising the int8 file's validation top-1 with
+the budgets as constraints. Each trial calls the stages (``edgekd.search.trial``); nothing is
+re-implemented here. Then the best k trials of the Pareto front inside the budgets are retrained
+at the recipe's own budget, and the best of them is the winner (``DIR/best.yaml`` reproduces it).
+
+A killed search continues when the same command runs again: finished trials are in the study;
+a trial whose worker died stops beating (Optuna's heartbeat), is failed after ``GRACE_S`` and run
+again from its run dir's last epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgekd import __version__
+from edgekd.bench.stage import check_target
+from edgekd.errors import EdgekdError
+from edgekd.recipe import Recipe
+from edgekd.search.budget import format_budget
+from edgekd.search.measure import SearchTarget
+from edgekd.search.report import pareto_front, trial_rows, write_search_report
+from edgekd.search.space import Candidate, check_space, suggest
+from edgekd.search.trial import TrialRunner, shared_teacher
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S, GRACE_S = 5, 20  # a worker's running trial beats every 5 s; silent for 20 s, it is failed
+
+
+class SearchProgress(Protocol):
+    """What the search reports while it runs; the CLI draws it."""
+
+    def trial_started(self, number: int, done: int, total: int, label: str) -> None: ...
+    def trial_ended(self, row: dict[str, Any], done: int, total: int, best: dict[str, Any] | None) -> None: ...
+
+
+@dataclass
+class SearchResult:
+    out_dir: Path
+    study_name: str
+    storage: str
+    trials: list[dict[str, Any]]
+    front: list[int]  # trial numbers on the Pareto front (val top-1 against p90)
+    finals: list[dict[str, Any]]  # the best k, retrained at the recipe's budget
+    winner: dict[str, Any] | None
+    best_recipe: Path | None
+    files: list[Path] = field(default_factory=list)
+
+
+def search(recipe: Recipe, out_dir: str | Path, *, budget: dict[str, float], target: SearchTarget,
+           trials: int | None = None, storage: str | None = None, progress: SearchProgress | None = None,
+           distill_progress: Any = None, trial_dir: Path | None = None, best_k: int | None = None) -> SearchResult:
+    """Search ``recipe.search``'s space for the best int8 student on ``target`` under ``budget``.
+    ``trial_dir``: where trial runs live (default ``DIR/trials``; one config's run is reused)."""
+    check_space(recipe)
+    b = target.bench
+    check_target(target.device, target.hosts, b.runs, b.samples, b.warmup, target.ssh)  # before anything trains
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise EdgekdError(f"--out {out} is a file, not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    n = trials or recipe.search.trials
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    study = _open_study(recipe, budget, target, storage, n)
+    teacher = shared_teacher(recipe, out / "teacher", study, distill_progress)
+    runner = TrialRunner(recipe, teacher, budget, target, study, trial_dir or out / "trials", distill_progress)
+    _optimize(study, runner, n, progress)
+    rows = trial_rows(study, budget)
+    front = pareto_front(rows)
+    finals, winner = runner.retrain_best(rows, front, recipe.search.best_k if best_k is None else best_k,
+                                         out / "final")
+    best_yaml = runner.write_best_recipe(winner, out / "best.yaml") if winner else None
+    files = write_search_report(out, recipe, study.study_name, storage, budget, target, rows, front, finals, winner)
+    return SearchResult(out, study.study_name, storage, rows, front, finals, winner, best_yaml,
+                        files + ([best_yaml] if best_yaml else []))
+
+
+def study_name(recipe: Recipe, budget: dict[str, float], target: SearchTarget) -> str:
+    """The same command names the same study; another space, budget, target or base recipe another."""
+    spec = recipe.model_dump()
+    spec["search"] = {k: v for k, v in spec["search"].items() if k not in ("trials", "best_k", "budget")}
+    spec.pop("bench"), spec.pop("gate")
+    key = json.dumps({"recipe": spec, "budget": budget, "target": target.id, "edgekd": __version__}, sort_keys=True)
+    return f"{recipe.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _open_study(recipe: Recipe, budget: dict[str, float], target: SearchTarget, storage_url: str, n: int) -> Any:
+    import optuna
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
+    try:  # the retry callback runs a dead worker's trial again (once): its run dir resumes
+        with warnings.catch_warnings():  # the heartbeat is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                 grace_period=GRACE_S,
+                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy's many errors: one line for the user
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise EdgekdError(f"--study {storage_url}: cannot open it as an Optuna storage ({first}); give a database "
+                          "URL such as sqlite:///search.db or postgresql://user@host/db") from None
+    cfg = recipe.search
+    # the budgets are the trials' constraints (Trial.set_constraint, trial.py): TPE models the
+    # feasible trials apart from the infeasible ones; constant_liar keeps workers off one point
+    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=max(2, min(10, n // 3)),
+                                         constant_liar=True)
+    # the proxy's epochs are its steps; a trial is pruned only before its last one (see trial.py),
+    # and only when clearly behind: the bottom quarter, once 4 trials have reported
+    pruner = (optuna.pruners.PercentilePruner(25.0, n_startup_trials=4, n_warmup_steps=0) if cfg.prune
+              else optuna.pruners.NopPruner())
+    study = optuna.create_study(storage=storage, study_name=study_name(recipe, budget, target), sampler=sampler,
+                                pruner=pruner, direction="maximize", load_if_exists=True)
+    study.set_user_attr("budget", format_budget(budget))
+    study.set_user_attr("target", target.id)
+    return study
+
+
+def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress | None) -> None:
+    """Run trials until the study holds ``n`` finished ones, all workers together; then wait for
+    the running ones (another worker's, or a dead worker's until it is failed and retried)."""
+    import optuna
+
+    def objective(trial: Any) -> float:
+        c = Candidate.from_params(suggest(trial, runner.recipe.search))
+        if progress:
+            progress.trial_started(trial.number, _counts(study)[0], n, c.key)
+        return runner.run(trial, c)
+
+    def ended(study: Any, frozen: Any) -> None:
+        if progress:
+            rows = trial_rows(study, runner.budget)
+            row = next(r for r in rows if r["number"] == frozen.number)
+            progress.trial_ended(row, _counts(study)[0], n, _best(rows))
+
+    while True:
+        with warnings.catch_warnings():  # Optuna marks it experimental; it is what makes a dead worker's trial run again
+            warnings.simplefilter("ignore")
+            optuna.storages.fail_stale_trials(study)
+        done, running, waiting = _counts(study)
+        if done + running >= n and not waiting:
+            if not running:
+                return
+            time.sleep(HEARTBEAT_S)
+            continue
+        study.optimize(objective, n_trials=1, catch=(EdgekdError,), callbacks=[ended])
+
+
+def _counts(study: Any) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials. A trial failed for a reason (a converter's refusal, a
+    board that dropped) is finished; one failed because its worker died is retried, so is not."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    return done, running, waiting
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    feasible = [r for r in rows if r["state"] == "complete"]
+    return max(feasible, key=lambda r: r["val_top1"]) if feasible else None
+
+
+__all__ = ["SearchProgress", "SearchResult", "search", "study_name"]

@@ -1,0 +1,218 @@
+"""``edgekd search``: budgets and spaces checked strictly (fast), then real searches: tiny
+spaces of real students distilled from a real teacher, exported and timed here or on the
+loopback sshd, an Optuna study in a real SQLite file shared by two worker processes, one of
+them SIGKILLed and started again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import one_line_error, tiny_recipe_dict, write_recipe
+from edgekd.cli import app
+from edgekd.errors import EdgekdError
+from edgekd.recipe import load_recipe
+from edgekd.search import candidates, check_space, parse_budget
+from edgekd.search.report import pareto_front
+
+FAST_BENCH = {"runs": 10, "warmup": 2, "samples": 50}
+FAST_EXPORT = {"formats": [], "calib": 32, "samples": 100}
+
+
+def _space(**search):
+    return {"students": ["mobilenet_v2", "mlp"], "width_mults": [0.25], "image_sizes": [16, 20], "methods": ["kd"],
+            "proxy": {"epochs": 1, "train_subset": None}, "trials": 2, "best_k": 0, **search}
+
+
+def _search_recipe(path: Path, teacher: Path | None = None, **search) -> Path:
+    return write_recipe(path, distill={"method": "kd"}, export=FAST_EXPORT, bench=FAST_BENCH, search=_space(**search),
+                        **({"teacher": {"checkpoint": str(teacher), "epochs": 0}} if teacher else {}))
+
+
+# -- fast tier: budgets and spaces ---------------------------------------------------------
+
+def test_budget_parses_every_key():
+    assert parse_budget("p90_ms<=20, size_mb<=2,rss_mb<=100") == {"p90_ms": 20.0, "size_mb": 2.0, "rss_mb": 100.0}
+    assert parse_budget("p50_ms<=1.5e1") == {"p50_ms": 15.0}
+    assert parse_budget(None) == {} and parse_budget("  ") == {}
+
+
+@pytest.mark.parametrize("text,says", [
+    ("p90_ms<20", "not KEY<=NUMBER"), ("p90_ms=20", "not KEY<=NUMBER"), ("latency<=20", "unknown key 'latency'"),
+    ("p90_ms<=20,p90_ms<=10", "given twice"), ("size_mb<=0", "no limit"), ("p90_ms<=-1", "not KEY<=NUMBER"),
+    ("p90_ms<=20,", "not KEY<=NUMBER"), ("p90_ms<=twenty", "not KEY<=NUMBER"),
+])
+def test_bad_budget_is_refused(text, says):
+    with pytest.raises(EdgekdError, match=says):
+        parse_budget(text)
+
+
+def test_bad_budget_on_the_cli_is_one_line(tmp_path):
+    recipe = _search_recipe(tmp_path / "r.yaml")
+    line = one_line_error(CliRunner().invoke(app, ["search", str(recipe), "--budget", "p90<=3", "--out",
+                                                   str(tmp_path / "s")]))
+    assert "unknown key 'p90'" in line and "p90_ms" in line
+    assert not (tmp_path / "s").exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize("search,says", [
+    ({"students": ["resnet_tiny"]}, "'resnet_tiny' is not one of mobilenet_v2, mlp, vit"),
+    ({"methods": ["kd", "distil"]}, "unknown method 'distil'"),
+    ({"methods": ["atkd"]}, "mlp with method atkd is impossible"),
+    ({"students": ["vit"], "image_sizes": [18]}, "does not split into 4-px patches"),
+    ({"image_sizes": []}, "image_sizes is empty"),
+    ({"image_sizes": [16, 16]}, "lists a value twice"),
+])
+def test_bad_space_is_one_line_before_anything_runs(tmp_path, search, says):
+    recipe = _search_recipe(tmp_path / "r.yaml", **search)
+    line = one_line_error(CliRunner().invoke(app, ["search", str(recipe), "--budget", "p90_ms<=5", "--out",
+                                                   str(tmp_path / "s")]))
+    assert says in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_shipped_search_recipe_declares_a_24_point_grid():
+    recipe = load_recipe("fashion_mnist_search")
+    grid = check_space(recipe)
+    assert len(grid) == len(candidates(recipe.search)) == 24
+    assert len({c.key for c in grid}) == 24 and len({c.arch_key for c in grid}) == 12  # methods share a file
+    assert parse_budget(recipe.search.budget)  # its default budget parses
+
+
+def test_pareto_front_keeps_only_undominated_trained_trials():
+    rows = [{"number": i, "state": s, "val_top1": v, "p90_ms": p} for i, (s, v, p) in enumerate([
+        ("complete", 80.0, 2.0), ("complete", 85.0, 4.0), ("complete", 84.0, 5.0),  # 2 is dominated by 1
+        ("over budget", 90.0, 9.0), ("over budget (untrained)", None, 1.0), ("failed", None, None)])]
+    assert pareto_front(rows) == [0, 1, 3]
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_tiny_search_end_to_end(tmp_path, tiny_teacher):
+    """2 archs x 2 sizes through `edgekd search`: measured first, trained, exported, timed, the
+    best retrained; search.md/png, best.yaml (a recipe `edgekd run` takes) and the study file."""
+    recipe = _search_recipe(tmp_path / "r.yaml", tiny_teacher, trials=4, best_k=1)
+    out = tmp_path / "s"
+    r = CliRunner().invoke(app, ["search", str(recipe), "--budget", "p90_ms<=200,size_mb<=5", "--out", str(out)],
+                           env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output + r.stderr
+    assert "trial 4/4" in r.output and "best so far" in r.output and "winner " in r.output
+    import json
+
+    report = json.loads((out / "search.json").read_text())
+    assert len(report["trials"]) == 4 and all(t["state"] == "complete" for t in report["trials"])
+    assert report["front"] and report["winner"]["config"] in {t["config"] for t in report["trials"]}
+    w = report["winner"]
+    assert w["remeasured"]["p90_ms"] <= 200 and w["remeasured"]["cached"] is False  # measured again, holds
+    assert Path(w["export_dir"], "student_int8.tflite").is_file() and "test_top1" in w
+    assert (out / "study.db").is_file() and (out / "search.png").stat().st_size > 10_000
+    assert (out / "search.md").read_text().count("\n| ") >= 4 + 1
+    best = load_recipe(out / "best.yaml")  # runnable with edgekd run: a valid recipe, gated on the budget
+    assert best.gate.max_p90_ms == 200 and best.gate.max_size_mb == 5
+    assert best.student.epochs == 1 and best.teacher.checkpoint == str(tiny_teacher)
+    # the teacher keeps its 16 px; a 20 px student sees its own size
+    big = next(t for t in report["trials"] if "20px" in t["config"])
+    metrics = json.loads(Path(big["run_dir"], "metrics.json").read_text())
+    assert metrics["teacher"]["image_size"] == 16 and metrics["student"]["image_size"] == 20
+    # the same command again: the study is finished, nothing is trained or measured again
+    again = CliRunner().invoke(app, ["search", str(recipe), "--budget", "p90_ms<=200,size_mb<=5", "--out", str(out)],
+                               env={"COLUMNS": "120"})
+    assert again.exit_code == 0, again.output + again.stderr
+    assert "trial " not in again.output and json.loads((out / "search.json").read_text())["trials"] == report["trials"]
+
+
+@pytest.mark.e2e
+def test_a_candidate_over_budget_is_measured_but_never_trained(tmp_path, tiny_teacher):
+    from edgekd.search import SearchTarget, search
+
+    rec = load_recipe(_search_recipe(tmp_path / "r.yaml", tiny_teacher, students=["mlp"], image_sizes=[16, 24],
+                                     trials=2))
+    import optuna
+
+    res = search(rec, tmp_path / "s", budget={"size_mb": 0.46}, target=SearchTarget(bench=rec.bench))  # 16 px fits
+    by_config = {t["config"]: t for t in res.trials}
+    big = by_config["mlp-24px-kd-ptq"]
+    assert big["state"] == "over budget (untrained)" and big["measured_untrained"] and big["size_mb"] > 0.46
+    assert "size_mb" in big["reason"] and not (tmp_path / "s" / "trials" / "mlp-24px-kd-ptq").exists()
+    assert by_config["mlp-16px-kd-ptq"]["state"] == "complete"
+    assert optuna is not None
+
+
+@pytest.mark.e2e
+def test_one_trial_search_over_ssh(tmp_path, tiny_teacher, sshd):
+    """The SSH path of `edgekd bench`, with the loopback sshd as the board."""
+    recipe = _search_recipe(tmp_path / "r.yaml", tiny_teacher, students=["mlp"], image_sizes=[16], trials=1)
+    out = tmp_path / "s"
+    r = CliRunner().invoke(app, ["search", str(recipe), "--budget", "p90_ms<=500", "--out", str(out), *sshd.args(),
+                                 "--device", "generic-arm64", "--set", f"bench.python={sys.executable}"],
+                           env={"COLUMNS": "120"})
+    assert r.exit_code == 0, r.output + r.stderr
+    import json
+
+    report = json.loads((out / "search.json").read_text())
+    assert report["target"].startswith(f"generic-arm64@{sshd.host}")
+    bench = json.loads(Path(report["winner"]["export_dir"], "bench.json").read_text())
+    assert set(bench["hosts"]) == {sshd.host} and bench["hosts"][sshd.host]["status"] == "ok"
+
+
+def _worker(recipe: Path, out: Path, n: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgekd.cli", "search", str(recipe), "--budget", "p90_ms<=500",
+                             "--trials", str(n), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "COLUMNS": "120"})
+
+
+@pytest.mark.e2e
+def test_two_workers_share_one_study_and_a_killed_one_resumes(tmp_path, tiny_teacher):
+    """Two `edgekd search` processes on one SQLite study finish N trials between them; one is
+    SIGKILLed mid-trial and started again: no finished trial runs again, the dead one's trial
+    is failed by its stopped heartbeat and run once more, and the study ends with N."""
+    import optuna
+    from optuna.trial import TrialState
+
+    n = 3
+    recipe = _search_recipe(tmp_path / "r.yaml", tiny_teacher, students=["mlp"], image_sizes=[16, 20, 24], trials=n)
+    out = tmp_path / "s"
+    a, b = _worker(recipe, out, n), _worker(recipe, out, n)
+    url = f"sqlite:///{out / 'study.db'}"
+
+    def trials():
+        if not (out / "study.db").is_file():
+            return []
+        try:
+            (name,) = optuna.get_all_study_names(url)
+        except ValueError:
+            return []
+        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+    deadline = time.monotonic() + 600
+    while not any(t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").endswith(f":{a.pid}")
+                  for t in trials()):
+        assert time.monotonic() < deadline and a.poll() is None, a.communicate()[0].decode()[-3000:]
+        time.sleep(0.5)
+    time.sleep(2)
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    finished = {t.number: t.datetime_complete for t in trials() if t.state == TrialState.COMPLETE}
+    a2 = _worker(recipe, out, n)
+    for p in (a2, b):
+        output = p.communicate(timeout=600)[0].decode()
+        assert p.returncode == 0, output[-3000:]
+    final = trials()
+    complete = [t for t in final if t.state == TrialState.COMPLETE]
+    assert len(complete) == n
+    assert {t.number: t.datetime_complete for t in complete if t.number in finished} == finished  # none re-run
+    dead = [t for t in final if t.state == TrialState.FAIL]
+    assert len(dead) == 1 and dead[0].user_attrs["worker"].endswith(f":{a.pid}") and "error" not in dead[0].user_attrs
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == dead[0].number]
+    assert len(retried) == 1 and retried[0].params == dead[0].params
+    workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in complete}
+    assert str(b.pid) in workers  # both workers ran trials of the one study
