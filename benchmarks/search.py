@@ -38,7 +38,7 @@ MAIN_GATE = {"p90_ms": 15.0, "size_mb": 1.0}  # fashion_mnist_quick's gate (size
 TOLERANCE = 0.5  # validation points the search's winner may trail the grid's best
 
 
-def _grid(recipe, out: Path, target: SearchTarget) -> list[dict]:
+def _grid(recipe, out: Path, target: SearchTarget, run: bool) -> list[dict]:
     import optuna
 
     recipe = recipe.model_copy(update={"search": recipe.search.model_copy(update={"prune": False})})  # every point
@@ -49,10 +49,10 @@ def _grid(recipe, out: Path, target: SearchTarget) -> list[dict]:
                                 load_if_exists=True)
     for c in grid:
         study.enqueue_trial(c.params(), skip_if_exists=True)
-    result = search(recipe, out / "grid", budget={}, target=target, trials=len(grid), storage=storage,
-                    trial_dir=out / "trials", best_k=0)
+    rows = (search(recipe, out / "grid", budget={}, target=target, trials=len(grid), storage=storage,
+                   trial_dir=out / "trials", best_k=0).trials if run else trial_rows(study, {}))
     return [{"config": r["config"], "val_top1": r["val_top1"], "p90_ms": r["p90_ms"], "size_mb": r["size_mb"],
-             "state": r["state"], "reason": r["reason"]} for r in result.trials]
+             "state": r["state"], "reason": r["reason"]} for r in rows if r["state"] not in ("waiting", "running")]
 
 
 def _best(grid: list[dict], budget: dict) -> dict | None:
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "search_runs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--share", type=float, default=0.25, help="search trials as a share of the grid's")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from the studies as they stand "
+                    "(while a run is under way), running nothing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("edgekd.export", "edgekd.bench", "edgekd.data", "onnx2tf", "tensorflow", "absl"):
@@ -73,12 +75,12 @@ def main() -> None:
     recipe = load_recipe("fashion_mnist_search", {"teacher.checkpoint": str(teacher), "teacher.epochs": 0})
     target = SearchTarget(bench=recipe.bench)
     args.out.mkdir(parents=True, exist_ok=True)
-    grid = _grid(recipe, args.out, target)
+    grid = _grid(recipe, args.out, target, not args.report_only)
     p90s = sorted(g["p90_ms"] for g in grid if g["val_top1"] is not None)
     budgets = [round(statistics.quantiles(p90s, n=3)[i], 3) for i in (0, 1)]
-    n = max(1, math.floor(args.share * len(grid)))
+    n = max(1, math.floor(args.share * len(candidates(recipe.search))))
     searches = []
-    for b in budgets:
+    for b in budgets if not args.report_only else []:
         for seed in args.seeds:
             rec = recipe.model_copy(update={"search": recipe.search.model_copy(update={"sampler_seed": seed})})
             r = search(rec, args.out / f"search-p90-{b:g}-seed{seed}", budget={"p90_ms": b}, target=target, trials=n,
@@ -90,7 +92,8 @@ def main() -> None:
                               "p90_ms_remeasured": w["remeasured"]["p90_ms"]}})
             logging.info("search p90<=%g seed %d: %s", b, seed, searches[-1]["winner"])
     main_job = next((g for g in grid if g["config"] == MAIN_JOB), None)
-    report = {"recipe": "fashion_mnist_search", "teacher": teacher.name, "target": target.id, "grid_size": len(grid),
+    report = {"recipe": "fashion_mnist_search", "teacher": teacher.name, "target": target.id,
+              "grid_size": len(candidates(recipe.search)), "grid_done": len(grid), "complete": not args.report_only,
               "search_trials": n, "tolerance_pt": TOLERANCE, "grid": grid, "searches": searches,
               "grid_best": {f"{b:g}": _best(grid, {"p90_ms": b}) for b in budgets},
               "main_job": {"hand_picked": main_job, "gate": MAIN_GATE, "grid_best_under_gate": _best(grid, MAIN_GATE)}}
@@ -104,6 +107,8 @@ def _markdown(rep: dict, budgets: list[float]) -> str:
              "`search.json`. Proxy budget: 2 epochs on 2,500 training images (the recipe's `search.proxy`), the main "
              f"job's teacher; target `{rep['target']}` (this 2-core host; other jobs shared it, so latencies are "
              "noisy). Objective: int8 validation top-1.", "",
+             *([] if rep["complete"] else [f"**In progress**: {rep['grid_done']} of the grid's {rep['grid_size']} "
+                                           "trials so far, no search yet (`--report-only`).", ""]),
              f"## The grid ({rep['grid_size']} configurations)", "",
              "| config | int8 val top-1 % | p90 ms | size MB | state |", "|---|---|---|---|---|"]
     for g in sorted(rep["grid"], key=lambda g: -(g["val_top1"] or -1)):
