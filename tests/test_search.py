@@ -63,6 +63,14 @@ def test_bad_budget_on_the_cli_is_one_line(tmp_path):
     assert not (tmp_path / "s").exists()  # refused before anything was made
 
 
+def test_a_study_url_that_is_no_database_is_one_line(tmp_path):
+    recipe = _search_recipe(tmp_path / "r.yaml")
+    line = one_line_error(CliRunner().invoke(app, ["search", str(recipe), "--budget", "p90_ms<=5", "--study",
+                                                   "nosuch://x", "--out", str(tmp_path / "s")]))
+    assert "--study nosuch://x: cannot open it as an Optuna storage" in line
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize("search,says", [
     ({"students": ["resnet_tiny"]}, "'resnet_tiny' is not one of mobilenet_v2, mlp, vit"),
     ({"methods": ["kd", "distil"]}, "unknown method 'distil'"),

@@ -9,7 +9,7 @@ at the recipe's own budget, and the best of them is the winner (``DIR/best.yaml`
 
 A killed search continues when the same command runs again: finished trials are in the study;
 a trial whose worker died stops beating (Optuna's heartbeat), is failed after ``GRACE_S`` and run
-again from its run dir's last epoch.
+again (once) from its run dir's last epoch.
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ def search(recipe: Recipe, out_dir: str | Path, *, budget: dict[str, float], tar
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EdgekdError(f"--out {out} is a file, not a folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     n = trials or recipe.search.trials
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    study = _open_study(recipe, budget, target, storage, n)
+    if storage is None:  # the default study lives in the out dir
+        out.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    study = _open_study(recipe, budget, target, storage, n)  # a bad --study URL is refused before DIR is made
+    out.mkdir(parents=True, exist_ok=True)
     teacher = shared_teacher(recipe, out / "teacher", study, distill_progress)
     runner = TrialRunner(recipe, teacher, budget, target, study, trial_dir or out / "trials", distill_progress)
     _optimize(study, runner, n, progress)
@@ -96,19 +98,26 @@ def study_name(recipe: Recipe, budget: dict[str, float], target: SearchTarget) -
 
 def _open_study(recipe: Recipe, budget: dict[str, float], target: SearchTarget, storage_url: str, n: int) -> Any:
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
-    try:  # the retry callback runs a dead worker's trial again (once): its run dir resumes
-        with warnings.catch_warnings():  # the heartbeat is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                 grace_period=GRACE_S,
-                                 heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1))
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy's many errors: one line for the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise EdgekdError(f"--study {storage_url}: cannot open it as an Optuna storage ({first}); give a database "
-                          "URL such as sqlite:///search.db or postgresql://user@host/db") from None
+    for attempt in range(5):
+        try:  # the retry callback runs a dead worker's trial again (once): its run dir resumes
+            with warnings.catch_warnings():  # the heartbeat is marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(storage_url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                     grace_period=GRACE_S,
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            break
+        except Exception as e:  # noqa: BLE001 - SQLAlchemy's many errors: one line for the user
+            # workers that start together race to create the tables (measured: "UNIQUE constraint
+            # failed: alembic_version"); the loser finds them made a moment later
+            if "constraint" in str(e).lower() and attempt < 4:
+                time.sleep(1 + attempt)
+                continue
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise EdgekdError(f"--study {storage_url}: cannot open it as an Optuna storage ({first}); give a "
+                              "database URL such as sqlite:///search.db or postgresql://user@host/db") from None
     cfg = recipe.search
     # the budgets are the trials' constraints (Trial.set_constraint, trial.py): TPE models the
     # feasible trials apart from the infeasible ones; constant_liar keeps workers off one point
