@@ -223,8 +223,9 @@ def _percentile(sorted_values: list, q: float) -> float:
 
 
 @contextmanager
-def board_lock(path: str):
-    """Hold an exclusive lock on ``path`` (created if need be); '' holds nothing. Yields the wait, ms."""
+def exclusive_lock(path: str):
+    """Hold an exclusive lock on ``path`` (created if need be); '' holds nothing. Yields the wait, ms.
+    The board's lock (``--lock``); edgekd's search takes its run dirs with it too."""
     if not path:
         yield 0.0
         return
@@ -240,7 +241,7 @@ def board_lock(path: str):
 
 
 def run(args: argparse.Namespace) -> dict:
-    with board_lock(args.lock) as waited_ms:
+    with exclusive_lock(args.lock) as waited_ms:
         result = _measure(args)
     result["lock_wait_ms"] = round(waited_ms, 1)
     return result

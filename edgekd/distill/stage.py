@@ -100,6 +100,7 @@ class _Ctx:
     std: torch.Tensor
     world: World = World()
     weights_loaded: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> LoadReport.as_dict()
+    teacher_image_size: int | None = None  # a teacher checkpoint of another size than the data's
 
     def eval_kwargs(self) -> dict[str, Any]:
         return dict(mean=self.mean, std=self.std, batch_size=self.recipe.train.eval_batch_size, device=self.device)
@@ -271,7 +272,8 @@ def _teacher(ctx: _Ctx, needs_teacher: bool) -> tuple[nn.Module | None, list[dic
                 f"{data.channels}; use a teacher trained on this dataset (unset teacher.checkpoint)")
         model = build_from_checkpoint(ckpt, tcfg.checkpoint).to(ctx.device)
         if ckpt.get("image_size") != data.image_size:  # it keeps its own size: each batch is resized for it
-            resize_input(model, int(ckpt["image_size"]))
+            ctx.teacher_image_size = int(ckpt["image_size"])
+            resize_input(model, ctx.teacher_image_size)
             log.info("teacher: trained at %s px, the student at %d px: batches are resized for the teacher",
                      ckpt["image_size"], data.image_size)
         return model, [], f"checkpoint:{tcfg.checkpoint}"
@@ -381,13 +383,6 @@ def _baseline(ctx: _Ctx, t_pred: torch.Tensor | None) -> dict[str, Any]:
     agreement = 100.0 * (t_pred == b_pred).float().mean().item() if t_pred is not None else None
     return {"arch": recipe.student.arch, "params": count_params(model), "method": "ce", "source": source,
             "cache_key": key, **b_eval, "agreement_top1": agreement, "epochs": history}
-
-
-def _teacher_size(recipe: Recipe, data_size: int) -> int:
-    """The input size the teacher sees: its checkpoint's (batches are resized for it), else the data's."""
-    if recipe.teacher.checkpoint:
-        return int(load_checkpoint(recipe.teacher.checkpoint).get("image_size") or data_size)
-    return data_size
 
 
 def train_teacher(recipe: Recipe, out_dir: str | Path, progress: Progress | None = None) -> Path:
@@ -565,7 +560,7 @@ def _metrics(ctx: _Ctx, method: str, teacher: nn.Module | None, t_hist: list[dic
         t_eval, t_pred = _final_eval(ctx, teacher)
         agreement = 100.0 * (t_pred == s_pred).float().mean().item()
         t_section = {"arch": recipe.teacher.arch, "params": count_params(teacher), "source": t_source,
-                     "image_size": _teacher_size(recipe, ctx.data.image_size),
+                     "image_size": ctx.teacher_image_size or ctx.data.image_size,
                      "checkpoint": artifacts.best_checkpoint("teacher") if t_source == "trained"
                      else recipe.teacher.checkpoint, **t_eval, "epochs": t_hist}
     b_section, gain = None, None

@@ -28,6 +28,7 @@ from edgekd.errors import EdgekdError
 from edgekd.losses.methods import METHODS
 from edgekd.pipeline import ensure_distilled, ensure_exported
 from edgekd.recipe import Recipe
+from edgekd.runner import exclusive_lock
 from edgekd.search.budget import format_budget, over_budget, violations
 from edgekd.search.measure import INT8, SearchTarget, measure
 from edgekd.search.space import Candidate, candidate_recipe
@@ -39,15 +40,9 @@ log = logging.getLogger(__name__)
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` (a sibling ``.lock`` file): workers sharing a folder take
     turns at one run dir, and the second finds the first one's results."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(str(path.with_name(path.name + ".lock"))):
+        yield
 
 
 def shared_teacher(recipe: Recipe, teacher_dir: Path, study: Any, progress: Any = None) -> Path | None:
