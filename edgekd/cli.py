@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgekd.errors import EdgekdError
-from edgekd.recipe import BenchConfig, ExportConfig
+from edgekd.recipe import BenchConfig, ExportConfig, QatConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil an image classifier to a small student for Raspberry-Pi-class boards.")
@@ -148,6 +148,7 @@ def distill(
                                             help="also train the same student alone and report the gain over it"),
     nproc: Optional[int] = typer.Option(None, help="run this command under torchrun with N processes on this "
                                         "machine (DDP: NCCL on GPUs, gloo on CPUs)"),
+    qat_epochs: Optional[float] = typer.Option(None, min=0, help=_help(QatConfig, "epochs")),
 ) -> None:
     """Train (or load) the teacher and distil the student; writes checkpoints, metrics.json and plots."""
     import sys
@@ -169,7 +170,8 @@ def distill(
             "teacher.epochs": teacher_epochs if teacher_epochs is not None else epochs,
             "teacher.checkpoint": str(teacher) if teacher else None, "train.device": device,
             "data.root": str(data) if data else None, "seed": seed, "train.batch_size": batch_size, "train.lr": lr,
-            "distill.baseline": baseline, "distill.augment": augment, **_parse_sets(set_),
+            "distill.baseline": baseline, "distill.augment": augment, "distill.qat.epochs": qat_epochs,
+            **_parse_sets(set_),
         }
         rec = load_recipe(recipe, overrides)
         out_dir = out or Path("runs") / rec.name
@@ -186,6 +188,10 @@ def distill(
         if s:
             table.add_row(label, s["arch"], f"{s['params']:,}", f"{s['test_top1']:.2f}", f"{s['shifted_top1']:.2f}")
     console.print(table)
+    qat = m["student"].get("qat")
+    if qat:
+        console.print(f"QAT ({qat['epochs']:g} epochs, {qat['wall_s']:.0f} s): fake-quant student test top-1 "
+                      f"{qat['test_top1']:.2f}%, into {qat['checkpoint']}", highlight=False)
     if m["agreement_top1"] is not None:
         console.print(f"teacher-student top-1 agreement: {m['agreement_top1']:.2f}%")
     gain = m.get("gain_over_baseline")
@@ -420,13 +426,14 @@ def run(
     known_hosts: Optional[Path] = _KNOWN_HOSTS,
     accept_new_host_key: bool = _ACCEPT_NEW,
     set_: list[str] = typer.Option([], "--set", help="override any recipe field: --set gate.max_p90_ms=5"),
+    qat_epochs: Optional[float] = typer.Option(None, min=0, help=_help(QatConfig, "epochs")),
 ) -> None:
     """The whole chain: distil, export, bench, gate; finished stages are not redone."""
     from edgekd.pipeline import run as run_chain
     from edgekd.recipe import load_recipe
 
     with _user_errors("run the same command again to continue where it stopped"):
-        rec = load_recipe(recipe, _parse_sets(set_))
+        rec = load_recipe(recipe, {"distill.qat.epochs": qat_epochs, **_parse_sets(set_)})
         out_dir = out or Path("runs") / rec.name
         ssh = _ssh_options(port or rec.bench.port, identity, known_hosts, accept_new_host_key)
         with _RichProgress() as progress:

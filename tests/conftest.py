@@ -68,6 +68,22 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return result.teacher_checkpoint
 
 
+def sigkill_after(cmd: list[str], marker: Path, delay_s: float) -> None:
+    """Start ``cmd``, wait until it has written ``marker`` (a finished epoch's checkpoint), let it
+    run ``delay_s`` more (into the next epoch) and SIGKILL it."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def default_sigint() -> None:
     """``preexec_fn`` for a child the test will Ctrl-C: a process started from a shell without job
     control (``cmd &`` in a script, some CI runners) inherits SIGINT *ignored*, and Python then

@@ -3,10 +3,8 @@ after SIGKILL, and the errors a user meets."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 from edgekd.checkpoint import load_checkpoint
 from edgekd.cli import app
 
-from conftest import write_recipe
+from conftest import sigkill_after, write_recipe
 
 EXPECTED_TERMS = {
     "ce": {"ce"},
@@ -86,15 +84,7 @@ def test_sigkill_during_epoch_2_then_resume_matches_uninterrupted(tmp_path, tiny
     subprocess.run(_train_cmd(recipe, tmp_path / "full", *common), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(recipe, killed, *common), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (killed / "student_last.pt").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(0.5)  # well inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_after(_train_cmd(recipe, killed, *common), killed / "student_last.pt", 0.5)  # well inside epoch 2
     assert load_checkpoint(killed / "student_last.pt")["epoch"] == 1
     assert not (killed / "metrics.json").exists()
 

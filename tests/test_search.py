@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from conftest import one_line_error, tiny_recipe_dict, write_recipe
+from conftest import one_line_error, write_recipe
 from edgekd.cli import app
 from edgekd.errors import EdgekdError
 from edgekd.recipe import load_recipe

@@ -29,7 +29,8 @@ from edgekd.errors import EdgekdError
 from edgekd.export.convert import (CONVERTERS, check_imports, check_loads, convert_model, resolve_converter,
                                    zero_dead_channels)
 from edgekd.export.report import write_export_report, write_sidecar
-from edgekd.export.score import check_onnx_parity, onnx_runner, parity, tflite_io_details, tflite_runner, torch_logits
+from edgekd.export.score import (check_onnx_parity, onnx_runner, parity, tflite_io_details, tflite_runner,
+                                 tied_top1_agreement, torch_logits)
 from edgekd.export.tome import auto_role, check_tome_threads, refusal, tome_roles, trained_tome
 from edgekd.models import build_from_checkpoint
 from edgekd.recipe import ExportConfig, recipe_from_dict
@@ -298,10 +299,13 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
         logits = runner(tmp)(inputs.test_x)  # parity + top-1, one pass
         qat = fmt == "tflite_int8" and qat_reference is not None
         agreement = parity(logits, qat_reference if qat else reference)
-        if qat and agreement["top1_agreement"] < QAT_MIN_AGREEMENT:
-            raise EdgekdError(f"{name} agrees with the QAT model's fake-quant output on {agreement['top1_agreement']:.2f} "
-                              f"% of {agreement['images']} test images (the rule is >= {QAT_MIN_AGREEMENT:g} %); this "
-                              "is a conversion error: report it with the export.json")
+        if qat:
+            agreement["top1_agreement_ties"] = tied_top1_agreement(logits, qat_reference)
+            if agreement["top1_agreement_ties"] < QAT_MIN_AGREEMENT:
+                raise EdgekdError(f"{name} agrees with the QAT model's fake-quant output on "
+                                  f"{agreement['top1_agreement_ties']:.2f} % of {agreement['images']} test images (the "
+                                  f"rule is >= {QAT_MIN_AGREEMENT:g} %); this is a conversion error: report it with "
+                                  "the export.json")
         if fmt == "onnx":
             try:
                 check_onnx_parity(name, agreement, tome=merges)

@@ -1,0 +1,108 @@
+"""Quantization-aware distillation (``edgekd.qat``, ``distill.qat``): the fake-quant graph trained is
+the one deployed, its checkpoints load with ``weights_only``, and a killed QAT run resumes exactly."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgekd.checkpoint import load_checkpoint
+
+from conftest import sigkill_after, write_recipe
+
+
+def _tiny_data():
+    from edgekd.data import gather, load_dataset
+    from edgekd.recipe import DataConfig
+    from edgekd.train import prepare_batch
+
+    data = load_dataset(DataConfig(image_size=16, train_subset=400, test_subset=200), 0)
+    mean, std = torch.tensor(data.mean), torch.tensor(data.std)
+    (tx, ty), (ex, ey) = gather(data.train), gather(data.test)
+    return prepare_batch(tx, mean, std), ty, prepare_batch(ex, mean, std), ey
+
+
+def _steps(model, tx, ty, steps, lr):
+    opt = torch.optim.SGD(model.parameters(), lr, momentum=0.9)
+    model.train()
+    for k in range(steps):
+        i = (k * 50) % len(tx)
+        loss = torch.nn.functional.cross_entropy(model(tx[i:i + 50]), ty[i:i + 50])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.e2e
+def test_qat_tiny_model_trains_converts_and_the_int8_file_agrees_with_its_fake_quant(tmp_path):
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+
+    from edgekd.export.score import tflite_io_details, tflite_runner, tied_top1_agreement, torch_logits
+    from edgekd.models import build_model
+    from edgekd.qat import export_int8, prepare_qat
+
+    torch.manual_seed(0)
+    tx, ty, ex, ey = _tiny_data()
+    model = build_model("mobilenet_v2", 10, 1, 16, width_mult=0.25)
+    _steps(model, tx, ty, 120, 0.05)  # a float student that has learnt something first (~70 %)
+    student = prepare_qat(model, [], ex[:1], freeze_bn_step=6, freeze_observer_step=9)
+    _steps(student, tx, ty, 12, 0.005)
+    assert int(student.steps) == 12 and student.bn_frozen
+
+    # The fake-quant modules compute the scales convert_pt2e (and so the file) will use.
+    fake_quants = [m for m in student.graph.modules() if isinstance(m, FakeQuantize)]
+    assert fake_quants
+    for fq in fake_quants:
+        scale, zero_point = fq.calculate_qparams()
+        assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zero_point)
+
+    x = ex.numpy()
+    reference = torch_logits(student.eval(), x)
+    again = torch_logits(student, x)  # an evaluation pass observes nothing: the graph is unchanged
+    np.testing.assert_array_equal(reference, again)
+    path = tmp_path / "student_int8.tflite"
+    export_int8(student, ex[:1], path)
+    io = tflite_io_details(path)
+    assert io["input_dtype"] == "int8" and io["output_dtype"] == "int8"
+    got = tflite_runner(path)(x)
+    assert got.shape == reference.shape == (200, 10)
+    assert tied_top1_agreement(got, reference) >= 99.0
+    assert (reference.argmax(1) == ey.numpy()).mean() > 0.4  # a model that answers, not a constant class
+
+    # A checkpoint of it is plain tensors: weights_only loads it into a rebuilt graph exactly.
+    torch.save({"state_dict": student.state_dict()}, tmp_path / "qat.pt")
+    state = torch.load(tmp_path / "qat.pt", weights_only=True)
+    model2 = build_model("mobilenet_v2", 10, 1, 16, width_mult=0.25)
+    rebuilt = prepare_qat(model2, [], ex[:1], freeze_bn_step=6, freeze_observer_step=9)
+    rebuilt.load_state_dict(state["state_dict"])
+    np.testing.assert_array_equal(torch_logits(rebuilt.eval(), x), reference)
+
+
+def _distill_cmd(recipe, out, *extra):
+    return [sys.executable, "-m", "edgekd.cli", "distill", str(recipe), "--out", str(out), *extra]
+
+
+@pytest.mark.e2e
+def test_qat_killed_mid_epoch_resumes_exactly(tmp_path, tiny_teacher):
+    recipe = write_recipe(tmp_path / "r.yaml", data={"train_subset": 900, "val_fraction": 0.1},
+                          distill={"method": "atkd"}, train={"batch_size": 30})
+    common = ["--teacher", str(tiny_teacher), "--qat-epochs", "2"]
+    subprocess.run(_distill_cmd(recipe, tmp_path / "full", *common), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    sigkill_after(_distill_cmd(recipe, killed, *common), killed / "student_qat_last.pt", 1.0)  # in QAT epoch 2
+    assert load_checkpoint(killed / "student_qat_last.pt")["epoch"] == 1
+    assert not (killed / "metrics.json").exists()
+
+    r = subprocess.run(_distill_cmd(recipe, killed, *common, "--resume"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())["student"]["qat"]
+    resumed = json.loads((killed / "metrics.json").read_text())["student"]["qat"]
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    for a, b in zip(full["history"], resumed["history"]):
+        assert (a["val_top1"], a["test_top1"], a["loss"]) == (b["val_top1"], b["test_top1"], b["loss"])
+    done, again = (load_checkpoint(d / "student_qat_last.pt")["state_dict"] for d in (tmp_path / "full", killed))
+    assert done.keys() == again.keys() and all(torch.equal(done[k], again[k]) for k in done)
