@@ -14,7 +14,7 @@ from typing import Any
 
 from edgekd import artifacts
 from edgekd.bench import SSHOptions, bench
-from edgekd.distill.stage import Progress, _recipe_diff, distill
+from edgekd.distill.stage import Progress, distill, resume_difference
 from edgekd.errors import EdgekdError
 from edgekd.export import export, resolve_converter
 from edgekd.gate import GateResult, gate
@@ -60,11 +60,14 @@ def ensure_distilled(recipe: Recipe, run_dir: Path, progress: Progress | None = 
     started one resumes; and what was done."""
     metrics = artifacts.read_json(run_dir / artifacts.METRICS)
     if metrics is not None and (run_dir / artifacts.best_checkpoint("student")).is_file():
-        diff = _recipe_diff(recipe_from_dict(metrics.get("recipe", {})).model_dump(), recipe.model_dump())
+        done = recipe_from_dict(metrics.get("recipe", {}))
+        diff = resume_difference(done, recipe)
         if diff:
             raise EdgekdError(f"{run_dir} was distilled with another recipe (key '{diff[0]}': {diff[1]!r} -> "
                               f"{diff[2]!r}); use the same recipe or pick a new --out")
-        return metrics, "skipped (metrics.json exists)"
+        if done.distill.qat.epochs > 0 or recipe.distill.qat.epochs == 0:
+            return metrics, "skipped (metrics.json exists)"
+        return distill(recipe, run_dir, resume=True, progress=progress).metrics, "resumed (QAT added)"
     started = any((run_dir / artifacts.last_checkpoint(r)).exists() for r in ("teacher", "student"))
     metrics = distill(recipe, run_dir, resume=started, progress=progress).metrics
     return metrics, "resumed" if started else "ran"

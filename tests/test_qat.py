@@ -86,19 +86,24 @@ def _distill_cmd(recipe, out, *extra):
 
 
 @pytest.mark.e2e
-def test_qat_killed_mid_epoch_resumes_exactly(tmp_path, tiny_teacher):
+def test_qat_added_to_a_finished_run_then_killed_mid_epoch_resumes_exactly(tmp_path, tiny_teacher):
     recipe = write_recipe(tmp_path / "r.yaml", data={"train_subset": 900, "val_fraction": 0.1},
                           distill={"method": "atkd"}, train={"batch_size": 30})
-    common = ["--teacher", str(tiny_teacher), "--qat-epochs", "2"]
-    subprocess.run(_distill_cmd(recipe, tmp_path / "full", *common), check=True, capture_output=True)
+    teacher, qat = ["--teacher", str(tiny_teacher)], ["--qat-epochs", "2"]
+    subprocess.run(_distill_cmd(recipe, tmp_path / "full", *teacher, *qat), check=True, capture_output=True)
 
+    # The float run first, finished without QAT; QAT is added to it later with --resume.
     killed = tmp_path / "killed"
-    sigkill_after(_distill_cmd(recipe, killed, *common), killed / "student_qat_last.pt", 1.0)  # in QAT epoch 2
+    subprocess.run(_distill_cmd(recipe, killed, *teacher), check=True, capture_output=True)
+    float_student = (killed / "student_last.pt").stat().st_mtime_ns
+    sigkill_after(_distill_cmd(recipe, killed, *teacher, *qat, "--resume"), killed / "student_qat_last.pt",
+                  1.0)  # in QAT epoch 2
     assert load_checkpoint(killed / "student_qat_last.pt")["epoch"] == 1
-    assert not (killed / "metrics.json").exists()
+    assert "qat" not in json.loads((killed / "metrics.json").read_text())["student"]  # the float run's, untouched
 
-    r = subprocess.run(_distill_cmd(recipe, killed, *common, "--resume"), capture_output=True, text=True)
+    r = subprocess.run(_distill_cmd(recipe, killed, *teacher, *qat, "--resume"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert (killed / "student_last.pt").stat().st_mtime_ns == float_student  # no float epoch trained again
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())["student"]["qat"]
     resumed = json.loads((killed / "metrics.json").read_text())["student"]["qat"]
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
@@ -106,3 +111,12 @@ def test_qat_killed_mid_epoch_resumes_exactly(tmp_path, tiny_teacher):
         assert (a["val_top1"], a["test_top1"], a["loss"]) == (b["val_top1"], b["test_top1"], b["loss"])
     done, again = (load_checkpoint(d / "student_qat_last.pt")["state_dict"] for d in (tmp_path / "full", killed))
     assert done.keys() == again.keys() and all(torch.equal(done[k], again[k]) for k in done)
+
+    # Another QAT on a run that has one is another recipe: refused, nothing touched.
+    before = (killed / "student_qat_last.pt").stat().st_mtime_ns
+    r = subprocess.run(_distill_cmd(recipe, killed, *teacher, "--qat-epochs", "3", "--resume"), capture_output=True,
+                       text=True)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # torch's own log lines aside
+    assert r.returncode == 2 and len(errors) == 1 and "distill.qat.epochs" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert (killed / "student_qat_last.pt").stat().st_mtime_ns == before

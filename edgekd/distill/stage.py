@@ -47,6 +47,9 @@ from edgekd.train import unwrap, evaluate, make_optimizer, make_scheduler, predi
 log = logging.getLogger(__name__)
 QAT_ROLE = "student_qat"  # its checkpoints: student_qat_best.pt, student_qat_last.pt
 _RESUME_IGNORED = {("train", "device"), ("export",), ("bench",), ("gate",), ("search",)}  # not training
+# QAT comes after the float epochs: a finished float run may take QAT on afterwards (resume, or
+# `edgekd run` again with --qat-epochs), its float checkpoints as they are
+_FLOAT_RESUME_IGNORED = _RESUME_IGNORED | {("distill", "qat")}
 
 
 class Progress(Protocol):
@@ -115,19 +118,30 @@ def _model_meta(ctx: _Ctx, role: str, arch: str, kwargs: dict[str, Any]) -> dict
     }
 
 
-def _recipe_diff(a: dict, b: dict, prefix: tuple = ()) -> tuple[str, Any, Any] | None:
+def _recipe_diff(a: dict, b: dict, prefix: tuple = (),
+                 ignored: set[tuple[str, ...]] = _RESUME_IGNORED) -> tuple[str, Any, Any] | None:
     for k in sorted(set(a) | set(b)):
         key = prefix + (k,)
-        if key in _RESUME_IGNORED:
+        if key in ignored:
             continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            d = _recipe_diff(va, vb, key)
+            d = _recipe_diff(va, vb, key, ignored)
             if d:
                 return d
         elif va != vb:
             return ".".join(key), va, vb
     return None
+
+
+def resume_difference(started: Recipe, recipe: Recipe, *,
+                      qat_checkpoint: bool = False) -> tuple[str, Any, Any] | None:
+    """The first key (dotted) where ``recipe`` differs from the one a run was started with, and the
+    two values; keys that do not change training are no difference. Nor is QAT added to a run
+    started without it, except to a QAT checkpoint's own check (``qat_checkpoint``)."""
+    qat_added = started.distill.qat.epochs == 0 and not qat_checkpoint
+    return _recipe_diff(started.model_dump(), recipe.model_dump(),
+                        ignored=_FLOAT_RESUME_IGNORED if qat_added else _RESUME_IGNORED)
 
 
 def _fit(ctx: _Ctx, role: str, model: nn.Module, arch: str, model_kwargs: dict[str, Any],
@@ -211,7 +225,8 @@ def _resume(ctx: _Ctx, last_path: Path, model: nn.Module, distiller: Distiller, 
         return [], -math.inf, 0
     state = load_checkpoint(last_path)
     # Through the model first: a key added since (with its default) is not a difference.
-    diff = _recipe_diff(recipe_from_dict(state["recipe"]).model_dump(), ctx.recipe.model_dump())
+    diff = resume_difference(recipe_from_dict(state["recipe"]), ctx.recipe,
+                             qat_checkpoint=last_path.name == artifacts.last_checkpoint(QAT_ROLE))
     if diff:
         raise EdgekdError(f"{ctx.run_dir} was started with another recipe (key '{diff[0]}': {diff[1]!r} -> "
                           f"{diff[2]!r}); resume with the same recipe or pick a new --out")
@@ -448,7 +463,7 @@ def _qat(ctx: _Ctx, method: Any, teacher: nn.Module | None, student: nn.Module, 
     recipe, cfg = ctx.recipe, ctx.recipe.distill.qat
     if ctx.world.size > 1:
         raise EdgekdError("distill.qat runs in one process: distil under torchrun without it, then run QAT alone "
-                          "(--resume with distill.qat.epochs set)")
+                          "(edgekd distill RECIPE --out DIR --resume --qat-epochs N)")
     batch = recipe.train.batch_size
     steps = max(1, len(ctx.data.train) // batch) if len(ctx.data.train) >= batch else 1
     total = max(1, round(cfg.epochs * steps))
