@@ -24,6 +24,7 @@ METRICS = "metrics.json"
 RECIPE = "recipe.yaml"
 LOG = "log.csv"
 EXPORT_DIR = "export"
+QAT_ROLE = "student_qat"  # the QAT student's checkpoints: student_qat_best.pt, student_qat_last.pt
 
 
 def best_checkpoint(role: str) -> str:
@@ -93,7 +94,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def current_export(run_dir: Path, formats: list[str] | tuple[str, ...], int8: bool,
                    converter: str) -> dict[str, Any] | None:
     """export.json when it was made from this run's ``student_best.pt`` with these settings
-    (``converter`` as resolved for the student), else None."""
+    (``converter`` as resolved for the student) and its int8 file from the QAT student when there
+    is one, else None."""
     out = run_dir / EXPORT_DIR
     meta, report = read_json(out / sidecar("student")), read_json(out / EXPORT_REPORT)
     if meta is None or report is None or not (out / SAMPLES).is_file():
@@ -101,6 +103,11 @@ def current_export(run_dir: Path, formats: list[str] | tuple[str, ...], int8: bo
     if meta.get("source_sha256") != sha256(run_dir / best_checkpoint("student")):
         return None
     same_converter = report.get("converters", {}).get("tflite", "").startswith(converter)
+    # a QAT student (student_qat_best.pt, e.g. QAT added to a finished run) makes the int8 file anew
+    quantization = "qat" if (run_dir / best_checkpoint(QAT_ROLE)).is_file() else "ptq"
+    int8_file = report.get("artifacts", {}).get(tflite_file("student", "int8"), {})
+    if int8 and int8_file.get("quantization", "ptq") != quantization:
+        return None
     return report if same_converter and wanted_files(formats, int8) <= set(report.get("artifacts", {})) else None
 
 

@@ -120,3 +120,32 @@ def test_qat_added_to_a_finished_run_then_killed_mid_epoch_resumes_exactly(tmp_p
     assert r.returncode == 2 and len(errors) == 1 and "distill.qat.epochs" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert (killed / "student_qat_last.pt").stat().st_mtime_ns == before
+
+
+def test_an_export_is_current_only_when_its_int8_file_comes_from_the_qat_student_the_run_has(tmp_path):
+    from edgekd import artifacts
+    from edgekd.checkpoint import write_json
+
+    run = tmp_path / "run"
+    out = run / artifacts.EXPORT_DIR
+    out.mkdir(parents=True)
+    student = run / artifacts.best_checkpoint("student")
+    student.write_bytes(b"float student weights")
+    (out / artifacts.SAMPLES).write_bytes(b"samples")
+    write_json(out / artifacts.sidecar("student"), {"source_sha256": artifacts.sha256(student)})
+    formats = ("onnx", "tflite")
+    report = {"converters": {"tflite": "onnx2tf"},
+              "artifacts": {name: {} for name in artifacts.wanted_files(formats, True)}}
+    int8 = report["artifacts"][artifacts.tflite_file("student", "int8")]
+    int8["quantization"] = "ptq"
+    write_json(out / artifacts.EXPORT_REPORT, report)
+    assert artifacts.current_export(run, formats, True, "onnx2tf") == report
+
+    # QAT added to the finished run: the PTQ export is no longer the run's, the next export makes it anew
+    (run / artifacts.best_checkpoint(artifacts.QAT_ROLE)).write_bytes(b"qat student")
+    assert artifacts.current_export(run, formats, True, "onnx2tf") is None
+    assert artifacts.current_export(run, formats, False, "onnx2tf") == report  # no int8 file wanted
+    int8["quantization"] = "qat"
+    write_json(out / artifacts.EXPORT_REPORT, report)
+    assert artifacts.current_export(run, formats, True, "onnx2tf") == report
+

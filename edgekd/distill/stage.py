@@ -45,7 +45,7 @@ from edgekd.report import plot_augmentors, write_plots
 from edgekd.train import unwrap, evaluate, make_optimizer, make_scheduler, predict, prepare_batch, train_one_epoch
 
 log = logging.getLogger(__name__)
-QAT_ROLE = "student_qat"  # its checkpoints: student_qat_best.pt, student_qat_last.pt
+QAT_ROLE = artifacts.QAT_ROLE
 _RESUME_IGNORED = {("train", "device"), ("export",), ("bench",), ("gate",), ("search",)}  # not training
 # QAT comes after the float epochs: a finished float run may take QAT on afterwards (resume, or
 # `edgekd run` again with --qat-epochs), its float checkpoints as they are

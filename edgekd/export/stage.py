@@ -169,7 +169,7 @@ def _plan(run_dir: Path, formats: tuple[str, ...], int8: bool, calib: int, conve
     out_dir = run_dir / artifacts.EXPORT_DIR
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgekdError(f"{out_dir} is a file, not a folder; move it away so export can write there")
-    qat = run_dir / artifacts.best_checkpoint("student_qat")
+    qat = run_dir / artifacts.best_checkpoint(artifacts.QAT_ROLE)
     return _Plan(run_dir, out_dir, jobs, resolved, converter == "auto" and resolved == "onnx2tf",
                  "onnx" in formats, dynamic_batch, tome_bits, qat if int8 and qat.is_file() else None)
 
