@@ -207,6 +207,38 @@ def test_students_table_distils_exports_and_times_each_family(tmp_path, tiny_tea
 
 
 @pytest.mark.e2e
+def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teacher):
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", data={"train_subset": 300, "test_subset": 100})
+    out = tmp_path / "quant"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "quantization.py"), "--recipe", str(recipe), "--teacher",
+           str(tiny_teacher), "--families", "mobilenet_v2", "--seeds", "1", "--qat-epochs", "0.5", "--runs", "10",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    data = json.loads((tmp_path / "quant.json").read_text())
+    rows = {(row["quantization"], row.get("calib")): row for row in data["table"]}
+    assert {q for q, _ in rows} == {"ptq", "ptq-best", "qat"}
+    assert rows[("ptq", 500)]["int8_top1"] is not None and rows[("ptq", 2000)]["int8_top1"] is not None
+    best = next(row for (q, _), row in rows.items() if q == "ptq-best")
+    val = {n: data["cells"][f"mobilenet_v2|seed=0|ptq-{n}"]["int8_val_top1"] for n in (500, 2000)}
+    assert val[best["calib"]] == max(val.values())  # chosen on validation images, never test
+    qat = rows[("qat", None)]
+    for row in rows.values():
+        assert {"family", "seed", "quantization", "fp32_top1", "int8_top1", "p50_ms", "wall_s"} <= set(row)
+    cell = data["cells"]["mobilenet_v2|seed=0|qat"]
+    assert qat["int8_top1"] is not None or cell["refused_file_top1"] is not None  # a refused file is scored too
+    assert cell["qat_wall_s"] > 0 and cell["student_epochs_wall_s"] > 0 and qat["p50_ms"] > 0
+    assert "| mobilenet_v2 | qat (0.5 ep) |" in (tmp_path / "quant.md").read_text()
+
+    before = (tmp_path / "quant.json").read_text()
+    r = subprocess.run(cmd + ["--no-timing"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "quant.json").read_text())["cells"] == json.loads(before)["cells"]  # nothing redone
+
+
+@pytest.mark.e2e
 def test_kd_terms_measures_each_terms_gradient(tmp_path, tiny_teacher):
     from conftest import write_recipe
 

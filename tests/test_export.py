@@ -270,3 +270,45 @@ def test_a_converted_file_litert_cannot_load_is_one_line(tmp_path, exported):
     with pytest.raises(EdgekdError, match=r"the converter wrote student_int8.tflite, and LiteRT cannot load it: ") as e:
         _check_loads(bad, bad.name)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.e2e
+def test_a_dead_hard_swish_converts_to_an_int8_file_that_loads_and_agrees(tmp_path):
+    """The students.md refusal of timm MobileNetV3-large (seed 1): a hard-swish whose inputs all lie
+    far below -3 is calibrated to an output range of ~0, an int8 output scale below the LiteRT
+    kernel's limit (input scale / 128), and LiteRT refused the whole file. onnx2tf still writes
+    it so; edgekd's export raises that one scale to the limit, and the file loads and agrees."""
+    import torch
+    import torch.nn as nn
+
+    from edgekd.errors import EdgekdError
+    from edgekd.export.convert import check_loads, convert_onnx2tf, export_onnx
+    from edgekd.export.int8_limits import fit_hard_swish_scales
+    from edgekd.export.score import tflite_runner
+
+    class DeadBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.live, self.dead = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.act, self.dead_act, self.fc = nn.Hardswish(), nn.Hardswish(), nn.Linear(16, 10)
+            with torch.no_grad():
+                self.dead.bias.fill_(-200.0)  # every input of dead_act far below -3: its output is 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            live = self.act(self.live(x))
+            return self.fc(torch.cat([live.mean((2, 3)), self.dead_act(self.dead(live)).mean((2, 3))], 1))
+
+    torch.manual_seed(0)
+    model, x = DeadBranch().eval(), torch.randn(96, 1, 16, 16)
+    export_onnx(model, x[:1], tmp_path / "m.onnx")
+    int8 = convert_onnx2tf(tmp_path / "m.onnx", tmp_path, x[:64], [0.5], [0.5])["int8"]
+    with pytest.raises(EdgekdError, match="HARD_SWISH"):
+        check_loads(int8, int8.name)  # as onnx2tf writes it
+    assert fit_hard_swish_scales(int8) == 1
+    assert fit_hard_swish_scales(int8) == 0  # once raised, the scale is inside the limit
+    check_loads(int8, int8.name)
+    with torch.no_grad():
+        reference = model(x[64:]).numpy()
+    got = tflite_runner(int8)(x[64:].numpy())
+    assert (got.argmax(1) == reference.argmax(1)).mean() >= 0.9
+    assert np.abs(got - reference).max() < 0.1 * np.abs(reference).max()

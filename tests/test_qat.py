@@ -41,13 +41,14 @@ def test_qat_tiny_model_trains_converts_and_the_int8_file_agrees_with_its_fake_q
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
 
     from edgekd.export.score import tflite_io_details, tflite_runner, tied_top1_agreement, torch_logits
+    from edgekd.export.stage import QAT_LSB_TOLERANCE, QAT_MIN_AGREEMENT
     from edgekd.models import build_model
     from edgekd.qat import export_int8, prepare_qat
 
     torch.manual_seed(0)
     tx, ty, ex, ey = _tiny_data()
     model = build_model("mobilenet_v2", 10, 1, 16, width_mult=0.25)
-    _steps(model, tx, ty, 120, 0.05)  # a float student that has learnt something first (~70 %)
+    _steps(model, tx, ty, 300, 0.05)  # a float student that has learnt something first (~70 %)
     student = prepare_qat(model, [], ex[:1], freeze_bn_step=6, freeze_observer_step=9)
     _steps(student, tx, ty, 12, 0.005)
     assert int(student.steps) == 12 and student.bn_frozen
@@ -69,7 +70,12 @@ def test_qat_tiny_model_trains_converts_and_the_int8_file_agrees_with_its_fake_q
     assert io["input_dtype"] == "int8" and io["output_dtype"] == "int8"
     got = tflite_runner(path)(x)
     assert got.shape == reference.shape == (200, 10)
-    assert tied_top1_agreement(got, reference) >= 99.0
+    # The export's rule: top-1 agreement >= 99 %, a class within QAT_LSB_TOLERANCE int8 output steps
+    # of the fake-quant top one agreeing. LiteRT's kernels requantise each op in fixed point, the
+    # fake-quant in float: a logit moves by a few steps, never by a wrong graph's tens.
+    lsb = io["output_quantization"]["scale"]
+    assert tied_top1_agreement(got, reference, QAT_LSB_TOLERANCE * lsb) >= QAT_MIN_AGREEMENT
+    assert np.percentile(np.abs(got - reference), 99) <= 8 * lsb * 1.0001  # measured: 3 steps
     assert (reference.argmax(1) == ey.numpy()).mean() > 0.4  # a model that answers, not a constant class
 
     # A checkpoint of it is plain tensors: weights_only loads it into a rebuilt graph exactly.

@@ -31,6 +31,7 @@ import torch.nn as nn
 from edgekd import artifacts
 from edgekd.checkpoint import atomic_path
 from edgekd.errors import EdgekdError
+from edgekd.export.int8_limits import fit_hard_swish_scales
 
 CONVERTERS = ("auto", "onnx2tf", "litert-torch")
 
@@ -121,6 +122,7 @@ def export_tflite_int8(model: nn.Module, sample: torch.Tensor, calib: torch.Tens
     edge = litert_torch.convert(quantised, (sample,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
     with atomic_path(path) as tmp:
         edge.export(str(tmp))
+        fit_hard_swish_scales(tmp)
 
 
 def quantize_weights(fp32_path: Path, path: Path, kind: str) -> None:
@@ -246,6 +248,8 @@ def convert_model(role: str, model: nn.Module, sample: torch.Tensor, calib_x: to
                                 mean, std, sample_images)
         seconds = time.perf_counter() - t0  # one run writes every variant
         for v in tflite:
+            if v == "int8":
+                fit_hard_swish_scales(files[v])
             check_loads(files[v], artifacts.tflite_file(role, v))
             made[artifacts.tflite_file(role, v)] = (files[v], f"tflite_{v}", seconds)
         return made

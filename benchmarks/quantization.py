@@ -1,0 +1,315 @@
+"""Post-training int8 against quantization-aware distillation, per student family (issue #37).
+
+For each family of ``benchmarks/students.md`` and each seed, on the main job's data and teacher
+(``benchmarks/methods_main_teacher.pt``): the float student is distilled as in students.py (AT-KD,
+KD where the student has no feature maps); its int8 file is post-training quantised with 500 and
+with 2,000 calibration images (``edgekd export --calib``; "ptq-best" is the one with the better
+*validation* top-1); then ``distill.qat.epochs`` of quantization-aware fine-tuning against the same
+teacher are added to the same run (``edgekd distill --resume --qat-epochs``) and its int8 file is
+exported from the trained fake-quant graph. Every file is scored on the test set; at the end all
+int8 files are timed in LiteRT at 1 thread in one interleaved run. Cells are kept in ``<out>.json``;
+run it again to continue (a killed cell resumes). Writes ``<out>.md`` and ``<out>.png``.
+
+    nice -n 10 python benchmarks/quantization.py                      # benchmarks/quantization.md
+    python benchmarks/quantization.py --families timm/mobilenetv3_small_100 --seeds 1
+    python benchmarks/quantization.py --report-only                   # tables of the cells so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cells import Cells, mean_std  # noqa: E402
+from latency import litert_invoke, time_round_robin  # noqa: E402
+from students import FAMILIES  # noqa: E402
+
+from edgekd import artifacts  # noqa: E402
+from edgekd.checkpoint import write_text  # noqa: E402
+from edgekd.cli import _parse_sets  # noqa: E402  (the commands' own --set parser)
+from edgekd.distill.stage import distill  # noqa: E402
+from edgekd.errors import EdgekdError  # noqa: E402
+from edgekd.export import export  # noqa: E402
+from edgekd.recipe import Recipe, load_recipe  # noqa: E402
+
+# the MobileNetV3s first: the families post-training int8 fails on (students.md)
+ORDER = ["timm/mobilenetv3_small_100", "timm/mobilenetv3_large_100", "torchvision/mobilenet_v3_small",
+         *[f for f in FAMILIES if "mobilenetv3" not in f and "mobilenet_v3" not in f]]
+CALIBS = (500, 2000)
+ANCHORS = [  # published fp32 -> int8 figures (ImageNet top-1), kept beside the table
+    ("torchvision QAT weights", "MobileNetV2", "71.88 → 71.66 (−0.22)"),
+    ("torchvision QAT weights", "MobileNetV3-Large", "74.04 → 73.00 (−1.04)"),
+    ("Krishnamoorthi 2018, Tables 3–4", "MobileNetV2", "−2.1 per-channel PTQ, −0.8 QAT"),
+    ("Intel NNCF, QAT + distillation", "MobileNetV3-small", "67.66 → 66.98 (−0.68)"),
+    ("TF slim, PTQ", "MobileNetV3-L / -S", "−1.3 / −2.6"),
+]
+
+
+def _float(cells: Cells, key: str, base: Recipe, arch: str, seed: int, runs: Path) -> tuple[Recipe, Path] | None:
+    """The float student of one family and seed (distilled, or resumed); None when it was refused."""
+    for method in ("atkd", "kd"):  # AT-KD where the student has feature maps to match
+        recipe = base.model_copy(update={
+            "seed": seed, "student": base.student.model_copy(update={"arch": arch}),
+            "distill": base.distill.model_copy(update={"method": method})})
+        run_dir = runs / f"{arch.replace('/', '_')}_seed{seed}_{method}"
+        if key in cells.cells:
+            if cells.cells[key].get("method") == method:
+                return recipe, run_dir
+            continue
+        try:
+            t0 = time.perf_counter()
+            metrics = distill(recipe, run_dir, resume=run_dir.exists()).metrics
+        except EdgekdError as e:
+            if method == "atkd" and "has none" in str(e):
+                continue
+            cells.keep(key, {"family": arch, "seed": seed, "refused": str(e)})
+            return None
+        cells.keep(key, {"family": arch, "seed": seed, "method": method, "fp32_pytorch_top1": metrics["student"]
+                         ["test_top1"], "student_wall_s": time.perf_counter() - t0})
+        return recipe, run_dir
+    return None
+
+
+def _int8_cell(run_dir: Path, keep: Path, calib: int) -> dict[str, Any]:
+    """Export ``run_dir`` (int8 PTQ with ``calib`` images, or its QAT graph) and score its files."""
+    t0 = time.perf_counter()
+    try:
+        report = export(run_dir, formats=("onnx", "tflite"), int8=True, calib=calib, max_int8_drop=100.0,
+                        val=True).report
+    except EdgekdError as e:
+        return {"int8_top1": None, "refused": str(e)}
+    arts = report["artifacts"]
+    fp32, int8 = arts[artifacts.tflite_file("student", "fp32")], arts.get(artifacts.tflite_file("student", "int8"))
+    cell = {"fp32_top1": fp32["test_top1"], "export_wall_s": time.perf_counter() - t0}
+    if int8 is None:
+        return {**cell, "int8_top1": None, "refused": str(report.get("refused", {}).get("student", "no int8 file"))}
+    shutil.copyfile(run_dir / artifacts.EXPORT_DIR / artifacts.tflite_file("student", "int8"), keep)
+    return {**cell, "int8_top1": int8["test_top1"], "int8_val_top1": int8.get("val_top1"),
+            "converter": int8["converter"], "int8_bytes": int8["size_bytes"], "int8_file": str(keep),
+            "parity": int8.get("parity")}
+
+
+def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, qat_epochs: float) -> None:
+    prefix = f"{arch}|seed={seed}"
+    got = _float(cells, f"{prefix}|float", base, arch, seed, runs)
+    if got is None:
+        return
+    recipe, run_dir = got
+    qat_started = (run_dir / artifacts.last_checkpoint(artifacts.QAT_ROLE)).exists()
+    for calib in CALIBS:  # before QAT: once the run has a QAT student, its int8 file is the QAT one
+        key = f"{prefix}|ptq-{calib}"
+        if key not in cells.cells:
+            if qat_started:
+                raise SystemExit(f"{run_dir} already has a QAT student but no {key} cell: remove the run dir")
+            cells.keep(key, {"family": arch, "seed": seed, "quantization": "ptq", "calib": calib,
+                             **_int8_cell(run_dir, run_dir / f"ptq_calib{calib}.tflite", calib)})
+    key = f"{prefix}|qat"
+    if key not in cells.cells:
+        qat_recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
+            "qat": recipe.distill.qat.model_copy(update={"epochs": qat_epochs})})})
+        try:
+            qat = distill(qat_recipe, run_dir, resume=True).metrics["student"]["qat"]
+        except EdgekdError as e:
+            cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", "int8_top1": None,
+                             "refused": str(e)})
+            return
+        cell = _int8_cell(run_dir, run_dir / "qat.tflite", CALIBS[0])  # calib: unused by a QAT graph
+        if cell["int8_top1"] is None and "fake-quant" in cell.get("refused", ""):
+            cell |= _refused_qat_file(run_dir)
+        cell.setdefault("fp32_top1", cells.cells[f"{prefix}|ptq-{CALIBS[0]}"].get("fp32_top1"))  # same float file
+        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", "qat_epochs": qat_epochs,
+                         "qat_wall_s": _epochs_wall(run_dir, artifacts.QAT_ROLE),
+                         "student_epochs_wall_s": _epochs_wall(run_dir, "student"),
+                         "qat_pytorch_top1": qat["test_top1"], **cell})
+
+
+def _epochs_wall(run_dir: Path, role: str) -> float:
+    """Seconds of ``role``'s epochs in the run's log.csv: the same whether the run was resumed or not."""
+    import csv
+
+    with open(run_dir / artifacts.LOG, newline="") as f:
+        return sum(float(row["wall_s"]) for row in csv.DictReader(f) if row["role"] == role)
+
+
+def _refused_qat_file(run_dir: Path) -> dict[str, Any]:
+    """What export's parity rule refused: the QAT int8 file converted again and scored on the test
+    set, against its fake-quant graph (top-1, agreement, logit differences in output LSBs)."""
+    import numpy as np
+
+    from edgekd.export import stage
+    from edgekd.export.stage import QAT_LSB_TOLERANCE
+    from edgekd.export.score import tflite_runner, tied_top1_agreement
+
+    plan = stage._plan(run_dir, ("tflite",), True, CALIBS[0], "onnx2tf", 16, False, (), ("exact",), 16, False, 1)
+    inputs = stage._inputs(plan, 0, 16, False)
+    path, fake_quant, _ = stage._qat_int8(plan.qat, plan.jobs[0], inputs, run_dir / "qat_refused.tflite")
+    got, y = tflite_runner(path)(inputs.test_x), inputs.test_y
+    lsb = float(np.min(np.diff(np.unique(fake_quant))))  # the output's quantisation step
+    return {"int8_file": str(path), "refused_file_top1": 100.0 * float((got.argmax(1) == y).mean()),
+            "fake_quant_top1": 100.0 * float((fake_quant.argmax(1) == y).mean()),
+            "refused_file_agreement_ties": tied_top1_agreement(got, fake_quant),
+            "refused_file_agreement_within_lsb": tied_top1_agreement(got, fake_quant, QAT_LSB_TOLERANCE * lsb),
+            "refused_file_logit_diff_lsb": {"median": float(np.median(np.abs(got - fake_quant)) / lsb),
+                                            "p99": float(np.percentile(np.abs(got - fake_quant), 99) / lsb)}}
+
+
+def table(cells: Cells) -> list[dict[str, Any]]:
+    """The issue's JSON rows: {family, seed, quantization: ptq|ptq-best|qat, fp32_top1, int8_top1,
+    p50_ms, wall_s} (plus refused, calib, qat_epochs). ptq-best: the calibration with the better
+    validation top-1 (a refused file counts as the worst)."""
+    rows = []
+    for key, c in cells.cells.items():
+        arch, seed, what = key.split("|")
+        if what == "float" or "quantization" not in c:
+            continue
+        row = {"family": c["family"], "seed": c["seed"], "quantization": c["quantization"],
+               "fp32_top1": c.get("fp32_top1"), "int8_top1": c.get("int8_top1"), "p50_ms": c.get("p50_ms"),
+               "wall_s": c.get("qat_wall_s", c.get("export_wall_s")),
+               **{k: c[k] for k in ("refused", "calib", "qat_epochs", "converter", "refused_file_top1",
+                                    "refused_file_agreement_ties") if k in c}}
+        rows.append(row)
+        if what == f"ptq-{CALIBS[-1]}":
+            both = [cells.cells.get(f"{arch}|{seed}|ptq-{n}") for n in CALIBS]
+            if all(both):
+                best = max(both, key=lambda b: b.get("int8_val_top1") or -1.0)
+                rows.append({**row, "quantization": "ptq-best", "calib": best["calib"],
+                             "int8_top1": best.get("int8_top1"), "p50_ms": best.get("p50_ms"),
+                             "fp32_top1": best.get("fp32_top1"), "wall_s": best.get("export_wall_s"), "converter": best.get("converter", "")})
+    return rows
+
+
+def render(cells: Cells, command: str) -> str:
+    rows, t = table(cells), cells.data.get("timing")
+    lines = ["# Post-training int8 against quantization-aware distillation", "",
+             f"Made by `{command}` (cells in `{cells.path.name}`; its `table` is the issue's JSON rows).", "",
+             "Teacher: the main job's (methods_main_teacher.pt); float student trained with the quick recipe's "
+             "budget (AT-KD, KD without feature maps), then int8: PTQ with 500 / 2,000 calibration images "
+             "(ptq-best: the better on validation images), and QAT fine-tuning of the same student against the "
+             "same teacher. Drop: fp32 TFLite top-1 − int8 TFLite top-1 on the test set, points (mean ± sd over "
+             "seeds). p50: median bare LiteRT `invoke()`, 1 thread, all files interleaved"
+             + (f" (load average {t['load_1m_before']:.2f} before, {t['load_1m_after']:.2f} after)." if t else
+                " (not timed yet)."), "",
+             "| student | quantization | seeds | fp32 top-1 % | int8 top-1 % | drop, pt | p50 ms | QAT wall, "
+             "% of the student's | converter / refused |", "|---|---|---|---|---|---|---|---|---|"]
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for fam in families:
+        for q in ("ptq", "ptq-best", "qat", "qat-refused"):
+            mine = [r for r in rows if r["family"] == fam and r["quantization"] == q.split("-")[0]
+                    and (q != "ptq" or r.get("calib") == CALIBS[0])]
+            if q == "qat-refused":  # the files export's parity rule refused, converted again and scored
+                mine = [{**r, "int8_top1": r["refused_file_top1"], "converter": "litert-torch"} for r in mine
+                        if r.get("refused_file_top1") is not None]
+            if not mine:
+                continue
+            ok = [r for r in mine if r["int8_top1"] is not None]
+            refused = [r["refused"] for r in mine if r["int8_top1"] is None]
+            p50 = [r["p50_ms"] for r in ok if r.get("p50_ms")]
+            share = ""
+            if q.startswith("qat"):
+                qat_cells = [cells.cells[f"{fam}|seed={r['seed']}|qat"] for r in ok]
+                shares = [c["qat_wall_s"] / c["student_epochs_wall_s"] * 100 for c in qat_cells]
+                share = f"{statistics.fmean(shares):.0f} %" if shares else ""
+            label = q + (f" ({'/'.join(str(r['calib']) for r in mine)})" if q == "ptq-best" else
+                         f" ({CALIBS[0]})" if q == "ptq" else f" ({mine[0].get('qat_epochs', '')} ep)")
+            if q == "qat-refused":
+                label = "qat, the file parity refused, scored anyway (agreement with its fake-quant: " + ", ".join(
+                    f"{r['refused_file_agreement_ties']:.2f} %" for r in mine) + ")"
+            conv = ", ".join(sorted({r["converter"] for r in ok}))
+            note = conv + (f"; {len(refused)} refused: {refused[0][:160]}" if refused else "")
+            lines.append(f"| {fam} | {label} | {len(ok)} | {mean_std([r['fp32_top1'] for r in ok])} | "
+                         f"{mean_std([r['int8_top1'] for r in ok])} | "
+                         f"{mean_std([r['fp32_top1'] - r['int8_top1'] for r in ok])} | "
+                         f"{f'{statistics.fmean(p50):.3f}' if p50 else ''} | {share} | {note} |" if ok else
+                         f"| {fam} | {label} | 0 | | | | | | refused: {refused[0][:200]} |")
+    lines += ["", "Published anchors (ImageNet, fp32 → int8 top-1 %; other data, other budgets):", "",
+              "| source | model | fp32 → int8 |", "|---|---|---|"]
+    lines += [f"| {s} | {m} | {v} |" for s, m, v in ANCHORS]
+    return "\n".join(lines) + "\n"
+
+
+def _time(cells: Cells, runs: int) -> None:
+    files = {k: c["int8_file"] for k, c in cells.cells.items() if c.get("int8_file") and Path(c["int8_file"]).is_file()}
+    load = os.getloadavg()[0]
+    for k, ms in time_round_robin({k: litert_invoke(Path(f), 1) for k, f in files.items()}, runs=runs,
+                                  warmup=20).items():
+        cells.cells[k]["p50_ms"] = ms
+        cells._mine.add(k)
+    cells.save(timing={"load_1m_before": load, "load_1m_after": os.getloadavg()[0], "runs": runs, "threads": 1})
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for i, q in enumerate(("ptq", "ptq-best", "qat")):
+        drops = [[r["fp32_top1"] - r["int8_top1"] for r in rows if r["family"] == f and r["quantization"] == q
+                  and r["int8_top1"] is not None and (q != "ptq" or r.get("calib") == CALIBS[0])] for f in families]
+        ax.bar([j + (i - 1) * 0.27 for j in range(len(families))], [statistics.fmean(d) if d else 0 for d in drops],
+               0.27, label=q)
+    ax.axhline(0.3, color="k", ls="--", lw=0.8, label="0.3 pt target")
+    ax.set_xticks(range(len(families)), [f.split("/")[-1] for f in families], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("fp32 → int8 drop, pt (test, mean over seeds)")
+    ax.set_title("int8: post-training against quantization-aware distillation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write(cells: Cells, out: Path, command: str) -> None:
+    cells.save(table=table(cells))
+    write_text(Path(f"{out}.md"), render(cells, command))
+    _plot(cells.data["table"], Path(f"{out}.png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/fashion_mnist_quick.yaml")
+    ap.add_argument("--teacher", default="benchmarks/methods_main_teacher.pt")
+    ap.add_argument("--families", default=",".join(ORDER))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--qat-epochs", type=float, default=1.0)
+    ap.add_argument("--runs", type=int, default=300, help="timed invokes per file")
+    ap.add_argument("--no-timing", action="store_true", help="distil and export only")
+    ap.add_argument("--report-only", action="store_true", help="write the tables of the cells so far")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override, as in edgekd's commands (e.g. data.train_subset=400 for a smoke run)")
+    ap.add_argument("--out", default="benchmarks/quantization")
+    args = ap.parse_args(argv)
+    command = "python " + shlex.join(["benchmarks/quantization.py", *(argv if argv is not None else sys.argv[1:])])
+    if not Path(args.teacher).is_file():
+        raise SystemExit(f"no teacher at {args.teacher}: run `python benchmarks/methods.py --main` first, "
+                         "or pass --teacher")
+    out, runs = Path(args.out), Path(f"{args.out}_runs")
+    base = load_recipe(args.recipe, {"teacher.checkpoint": args.teacher,
+                                     **_parse_sets(args.set)})
+    cells = Cells(Path(f"{out}.json"))
+    families = args.families.split(",")
+    for seed in range(0 if args.report_only else args.seeds):
+        for arch in families:
+            with cells.claim(runs / f"{arch.replace('/', '_')}_seed{seed}") as mine:
+                if mine:  # else another process is running this family and seed
+                    cells.refresh()
+                    _family_seed(cells, base, arch, seed, runs, args.qat_epochs)
+                    _write(cells, out, command)
+    if not (args.no_timing or args.report_only):
+        _time(cells, args.runs)
+    _write(cells, out, command)
+    print(Path(f"{out}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
