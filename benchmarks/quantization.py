@@ -203,7 +203,7 @@ def render(cells: Cells, command: str) -> str:
     families = list(dict.fromkeys(r["family"] for r in rows))
     for fam in families:
         for q in ("ptq", "ptq-best", "qat", "qat-refused"):
-            mine = [r for r in rows if r["family"] == fam and r["quantization"] == q.split("-")[0]
+            mine = [r for r in rows if r["family"] == fam and r["quantization"] == ("qat" if q == "qat-refused" else q)
                     and (q != "ptq" or r.get("calib") == CALIBS[0])]
             if q == "qat-refused":  # the files export's parity rule refused, converted again and scored
                 mine = [{**r, "int8_top1": r["refused_file_top1"], "converter": "litert-torch"} for r in mine
