@@ -74,6 +74,11 @@ class Cells:
         self._mine.add(key)
         self.save()
 
+    def update(self, key: str, **fields: Any) -> None:
+        """Add ``fields`` to a finished cell; written back by the next ``save`` as this process's own."""
+        self.cells[key].update(fields)
+        self._mine.add(key)
+
     def refresh(self) -> None:
         """Read the cells other processes finished or updated since this one read the file (the
         cells this process wrote stay its own, as in ``save``)."""

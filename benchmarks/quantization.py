@@ -241,8 +241,7 @@ def _time(cells: Cells, runs: int) -> None:
     load = os.getloadavg()[0]
     for k, ms in time_round_robin({k: litert_invoke(Path(f), 1) for k, f in files.items()}, runs=runs,
                                   warmup=20).items():
-        cells.cells[k]["p50_ms"] = ms
-        cells._mine.add(k)
+        cells.update(k, p50_ms=ms)
     cells.save(timing={"load_1m_before": load, "load_1m_after": os.getloadavg()[0], "runs": runs, "threads": 1})
 
 
@@ -251,6 +250,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from edgekd.report import _save as save_png  # atomic, as every report edgekd writes
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = list(dict.fromkeys(r["family"] for r in rows))
@@ -264,9 +265,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("fp32 → int8 drop, pt (test, mean over seeds)")
     ax.set_title("int8: post-training against quantization-aware distillation")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _write(cells: Cells, out: Path, command: str) -> None:

@@ -17,6 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edgekd.checkpoint import atomic_path
+
 log = logging.getLogger(__name__)
 
 _MARGIN = 1.0 + 2.0**-10  # the multiplier must be strictly below 1 once rounded to fixed point
@@ -27,8 +31,6 @@ def fit_hard_swish_scales(path: Path) -> int:
     file is rewritten in place, atomically); returns how many were raised."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as fb
-
-    from edgekd.checkpoint import atomic_path
 
     raw = Path(path).read_bytes()
     model = fb.ModelT.InitFromPackedBuf(raw, 0)
@@ -66,8 +68,6 @@ def _scale(tensor: Any) -> float | None:
 def _set_scale(graph: Any, index: int, scale: float) -> None:
     """Give tensor ``index`` ``scale``, and through every consumer whose output had the same scale
     and zero point (a pass-through: reshape, pooling, ...), that output too."""
-    import numpy as np
-
     tensor = graph.tensors[index]
     old = (float(tensor.quantization.scale[0]), int(tensor.quantization.zeroPoint[0]))
     tensor.quantization.scale = np.array([scale], np.float32)

@@ -307,8 +307,9 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
         logits = runner(tmp)(inputs.test_x)  # parity + top-1, one pass
         qat = fmt == "tflite_int8" and qat_reference is not None
         agreement = parity(logits, qat_reference if qat else reference)
+        io = tflite_io_details(tmp) if fmt.startswith("tflite") else None
         if qat:
-            lsb = tflite_io_details(tmp)["output_quantization"]["scale"]
+            lsb = io["output_quantization"]["scale"]
             agreement |= {"top1_agreement_ties": tied_top1_agreement(logits, qat_reference),
                           "top1_agreement_within_lsb": tied_top1_agreement(logits, qat_reference,
                                                                            QAT_LSB_TOLERANCE * lsb),
@@ -338,6 +339,6 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
         if inputs.val_x is not None and job.role.startswith("student"):
             entry["val_top1"] = 100.0 * float((runner(tmp)(inputs.val_x).argmax(1) == inputs.val_y).mean())
         if fmt.startswith("tflite"):
-            entry["io"] = tflite_io_details(tmp)
+            entry["io"] = io
         scored[name] = (tmp, entry)
     return scored, None
