@@ -49,6 +49,19 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
+def _float_ops(it: Any) -> dict[str, int]:
+    """Ops writing float32 in a TFLite file, by name ({} for a full-integer file): litert-torch's
+    PT2E quantizer covers convs, linears and adds, so a hybrid's norms, activations and softmax
+    stay float between QUANTIZE/DEQUANTIZE pairs. ``_get_ops_details`` is the interpreter's only
+    op listing (private in LiteRT and tflite-runtime alike)."""
+    tensors = {t["index"]: np.dtype(t["dtype"]).name for t in it.get_tensor_details()}
+    counts: dict[str, int] = {}
+    for op in getattr(it, "_get_ops_details", list)():
+        if op["op_name"] not in ("DEQUANTIZE", "DELEGATE") and any(tensors.get(int(i)) == "float32" for i in op["outputs"]):
+            counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def tflite_io_details(path: Path) -> dict[str, Any]:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -58,7 +71,7 @@ def tflite_io_details(path: Path) -> dict[str, Any]:
     dtypes = sorted({np.dtype(t["dtype"]).name for t in it.get_tensor_details()})
     q = lambda d: {"scale": float(d["quantization"][0]), "zero_point": int(d["quantization"][1])}  # noqa: E731
     shape = [int(s) for s in inp["shape"]]
-    return {"input_dtype": np.dtype(inp["dtype"]).name, "output_dtype": np.dtype(out["dtype"]).name,
+    return {"float_ops": _float_ops(it), "input_dtype": np.dtype(inp["dtype"]).name, "output_dtype": np.dtype(out["dtype"]).name,
             "input_shape": shape, "layout": "NHWC" if shape[-1] < shape[1] else "NCHW", "input_quantization": q(inp),
             "output_quantization": q(out), "tensor_dtypes": dtypes}
 

@@ -308,6 +308,10 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
         qat = fmt == "tflite_int8" and qat_reference is not None
         agreement = parity(logits, qat_reference if qat else reference)
         io = tflite_io_details(tmp) if fmt.startswith("tflite") else None
+        if fmt == "tflite_int8" and io["float_ops"]:  # it runs, but is not the full-integer file asked for
+            log.warning("%s (%s) is not full-integer: %d ops stay float32 between QUANTIZE/DEQUANTIZE (%s); "
+                        "export.json io.float_ops lists them",
+                        name, converter, sum(io["float_ops"].values()), ", ".join(io["float_ops"]))
         if qat:
             lsb = io["output_quantization"]["scale"]
             agreement |= {"top1_agreement_ties": tied_top1_agreement(logits, qat_reference),

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgekdError
+from edgekd.models.convertible import make_convertible
 
 ZOOS = ("timm", "torchvision")
 
@@ -142,6 +143,7 @@ def build_zoo_model(arch: str, num_classes: int, in_channels: int, image_size: i
                 model = _timm().create_model(name, img_size=image_size, **kw)
             except TypeError:
                 model = _timm().create_model(name, **kw)
+            make_convertible(model)
         else:
             import torchvision
 
