@@ -170,7 +170,7 @@ def prepare_qat(model: nn.Module, taps: list[str], sample: torch.Tensor, *, free
     _patch_torchao_patterns()
     model.train()
     batch = sample.expand(2, *sample.shape[1:]).contiguous()  # a dynamic batch needs an example > 1
-    exported = torch.export.export(_WithFeatures(model, taps), (batch,),
+    exported = torch.export.export(_WithFeatures(model, taps), (batch,), strict=True,
                                    dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},)).module()
     graph = prepare_qat_pt2e(exported, quantizer(qat=True))
     return QATStudent(graph, freeze_bn_step, freeze_observer_step)

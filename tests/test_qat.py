@@ -68,6 +68,7 @@ def test_qat_tiny_model_trains_converts_and_the_int8_file_agrees_with_its_fake_q
     export_int8(student, ex[:1], path)
     io = tflite_io_details(path)
     assert io["input_dtype"] == "int8" and io["output_dtype"] == "int8"
+    assert io["float_ops"] == {}  # the residual adds too: a non-strict export left them float
     got = tflite_runner(path)(x)
     assert got.shape == reference.shape == (200, 10)
     # The export's rule: top-1 agreement >= 99 %, a class within QAT_LSB_TOLERANCE int8 output steps

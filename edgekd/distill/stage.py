@@ -37,6 +37,7 @@ from edgekd.distiller import Distiller
 from edgekd.losses.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_from_checkpoint, build_model, count_params, pair_stages, stage_shapes, tap_candidates
+from edgekd.models.dead_channels import zero_dead_channels
 from edgekd.models.resize import resize_input
 from edgekd.models.weights import load_weights
 from edgekd.recipe import Recipe, recipe_from_dict
@@ -472,15 +473,17 @@ def _qat(ctx: _Ctx, method: Any, teacher: nn.Module | None, student: nn.Module, 
     freeze = {"freeze_bn_step": round(cfg.freeze_bn_after * total),
               "freeze_observer_step": round(cfg.freeze_observers_after * total)}
     t0 = time.perf_counter()
-    qat = prepare_qat(copy.deepcopy(student), taps, sample, **freeze)
+    float_student = copy.deepcopy(student)
+    zeroed = zero_dead_channels(float_student)  # as export does for PTQ: else the int8 file rounds their bias away
+    qat = prepare_qat(float_student, taps, sample, **freeze)
     hist = _fit(ctx, QAT_ROLE, qat, recipe.student.arch, recipe.student.model_kwargs(),
                 lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
                                     label_smoothing=recipe.train.label_smoothing),
                 cfg.epochs, cfg.lr or recipe.train.lr / 100, meta_extra={"qat": {"taps": taps, **freeze}})
     best = max(hist, key=lambda h: h["val_top1"] if not math.isnan(h["val_top1"]) else -1.0)
     return {"checkpoint": artifacts.best_checkpoint(QAT_ROLE), "epochs": cfg.epochs, "steps": total,
-            "taps": taps, **freeze, "val_top1": best["val_top1"], "test_top1": best["test_top1"],
-            "wall_s": time.perf_counter() - t0, "history": hist}
+            "taps": taps, **freeze, "dead_channels_zeroed": zeroed, "val_top1": best["val_top1"],
+            "test_top1": best["test_top1"], "wall_s": time.perf_counter() - t0, "history": hist}
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> str | None:
