@@ -70,6 +70,34 @@ def test_a_study_url_that_is_no_database_is_one_line(tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+_OPEN_AT = """
+import sys, time
+from pathlib import Path
+from edgekd.recipe import load_recipe
+from edgekd.search import SearchTarget
+from edgekd.search.stage import _open_study
+recipe, url, ready, n = load_recipe(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+(ready / str(time.time_ns())).touch()
+while len(list(ready.iterdir())) < n:  # imports done everywhere: all open the new database at once
+    time.sleep(0.001)
+print(_open_study(recipe, {"p90_ms": 5.0}, SearchTarget(bench=recipe.bench), url, 2).study_name)
+"""
+
+
+def test_workers_that_open_one_new_study_together_all_get_it(tmp_path):
+    """Eight processes open one study in a SQLite file that does not exist yet, at one moment:
+    they race to create its tables (without a retry some fail on "UNIQUE constraint failed:
+    alembic_version"), and every one of them must end up in the one study."""
+    recipe, n = _search_recipe(tmp_path / "r.yaml"), 8
+    url, ready = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(recipe), url, str(ready), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(n)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-1500:] for o in outputs)
+    assert len({o.strip().splitlines()[-1] for o in outputs}) == 1
+
+
 @pytest.mark.parametrize("search,says", [
     ({"students": ["resnet_tiny"]}, "'resnet_tiny' is not one of mobilenet_v2, mlp, vit"),
     ({"methods": ["kd", "distil"]}, "unknown method 'distil'"),

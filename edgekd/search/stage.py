@@ -111,8 +111,9 @@ def _open_study(recipe: Recipe, budget: dict[str, float], target: SearchTarget, 
             break
         except Exception as e:  # noqa: BLE001 - SQLAlchemy's many errors: one line for the user
             # workers that start together race to create the tables (measured: "UNIQUE constraint
-            # failed: alembic_version"); the loser finds them made a moment later
-            if "constraint" in str(e).lower() and attempt < 4:
+            # failed: alembic_version"; SQLite may also say "table ... already exists" or "database is
+            # locked"); the loser finds them made a moment later
+            if any(w in str(e).lower() for w in ("constraint", "already exists", "locked")) and attempt < 4:
                 time.sleep(1 + attempt)
                 continue
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
