@@ -45,6 +45,9 @@ from edgekd.recipe import Recipe, load_recipe  # noqa: E402
 ORDER = ["timm/mobilenetv3_small_100", "timm/mobilenetv3_large_100", "torchvision/mobilenet_v3_small",
          *[f for f in FAMILIES if "mobilenetv3" not in f and "mobilenet_v3" not in f]]
 CALIBS = (500, 2000)
+# the converters' observers: onnx2tf calibrates in TFLite's converter (min-max ranges); litert-torch's
+# PT2E quantizer observes activations with histograms (its ranges minimise the quantisation error)
+HIST = "ptq-hist"
 ANCHORS = [  # published fp32 -> int8 figures (ImageNet top-1), kept beside the table
     ("torchvision QAT weights", "MobileNetV2", "71.88 → 71.66 (−0.22)"),
     ("torchvision QAT weights", "MobileNetV3-Large", "74.04 → 73.00 (−1.04)"),
@@ -79,12 +82,12 @@ def _float(cells: Cells, key: str, base: Recipe, arch: str, seed: int, runs: Pat
     return None
 
 
-def _int8_cell(run_dir: Path, keep: Path, calib: int) -> dict[str, Any]:
+def _int8_cell(run_dir: Path, keep: Path, calib: int, converter: str = "auto") -> dict[str, Any]:
     """Export ``run_dir`` (int8 PTQ with ``calib`` images, or its QAT graph) and score its files."""
     t0 = time.perf_counter()
     try:
         report = export(run_dir, formats=("onnx", "tflite"), int8=True, calib=calib, max_int8_drop=100.0,
-                        val=True).report
+                        val=True, converter=converter).report
     except EdgekdError as e:
         return {"int8_top1": None, "refused": str(e)}
     arts = report["artifacts"]
@@ -116,20 +119,43 @@ def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, q
     if key not in cells.cells:
         qat_recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
             "qat": recipe.distill.qat.model_copy(update={"epochs": qat_epochs})})})
-        try:
-            qat = distill(qat_recipe, run_dir, resume=True).metrics["student"]["qat"]
-        except EdgekdError as e:
-            cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", "int8_top1": None,
-                             "refused": str(e)})
-            return
-        cell = _int8_cell(run_dir, run_dir / "qat.tflite", CALIBS[0])  # calib: unused by a QAT graph
-        if cell["int8_top1"] is None and "fake-quant" in cell.get("refused", ""):
-            cell |= _refused_qat_file(run_dir)
-        cell.setdefault("fp32_top1", cells.cells[f"{prefix}|ptq-{CALIBS[0]}"].get("fp32_top1"))  # same float file
-        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", "qat_epochs": qat_epochs,
-                         "qat_wall_s": _epochs_wall(run_dir, artifacts.QAT_ROLE),
-                         "student_epochs_wall_s": _epochs_wall(run_dir, "student"),
-                         "qat_pytorch_top1": qat["test_top1"], **cell})
+        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", **_qat_cell(cells, prefix, recipe,
+                                                                                           run_dir, qat_epochs)})
+    key = f"{prefix}|{HIST}"
+    if key not in cells.cells and (run_dir / artifacts.best_checkpoint("student")).is_file():
+        cells.keep(key, {"family": arch, "seed": seed, "quantization": "ptq", "calib": CALIBS[0],
+                         "observer": "histogram", **_int8_cell(_float_only(run_dir), run_dir / "ptq_hist.tflite",
+                                                               CALIBS[0], converter="litert-torch")})
+
+
+def _qat_cell(cells: Cells, prefix: str, recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any]:
+    """``qat_epochs`` of QAT added to the run (the float student trained first where the run dir is
+    new), its int8 file exported from the fake-quant graph and scored."""
+    qat_recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
+        "qat": recipe.distill.qat.model_copy(update={"epochs": qat_epochs})})})
+    try:
+        qat = distill(qat_recipe, run_dir, resume=True).metrics["student"]["qat"]
+    except EdgekdError as e:
+        return {"int8_top1": None, "refused": str(e)}
+    cell = _int8_cell(run_dir, run_dir / "qat.tflite", CALIBS[0])  # calib: unused by a QAT graph
+    if cell["int8_top1"] is None and "fake-quant" in cell.get("refused", ""):
+        cell |= _refused_qat_file(run_dir)
+    cell.setdefault("fp32_top1", cells.cells[f"{prefix}|ptq-{CALIBS[0]}"].get("fp32_top1"))  # same float file
+    return {"qat_epochs": qat_epochs, "qat_wall_s": _epochs_wall(run_dir, artifacts.QAT_ROLE),
+            "student_epochs_wall_s": _epochs_wall(run_dir, "student"), "qat_pytorch_top1": qat["test_top1"], **cell}
+
+
+def _float_only(run_dir: Path) -> Path:
+    """A copy of ``run_dir`` without its QAT student and export dir: export quantises a run's QAT
+    graph whenever it has one, and this cell wants the float student quantised post-training."""
+    copy = run_dir.with_name(run_dir.name + "_float")
+    if not copy.is_dir():
+        tmp = copy.with_name(copy.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns(f"{artifacts.QAT_ROLE}_*", artifacts.EXPORT_DIR,
+                                                                   "*.tflite"))
+        tmp.rename(copy)
+    return copy
 
 
 def _epochs_wall(run_dir: Path, role: str) -> float:
@@ -176,12 +202,16 @@ def table(cells: Cells) -> list[dict[str, Any]]:
                "wall_s": c.get("qat_wall_s", c.get("export_wall_s")),
                **{k: c[k] for k in ("refused", "calib", "qat_epochs", "converter", "refused_file_top1",
                                     "refused_file_agreement_ties") if k in c}}
+        if c["quantization"] == "ptq":
+            row |= {"cell": what, "observer": _observer(c)}
         rows.append(row)
         if what == f"ptq-{CALIBS[-1]}":
             both = [cells.cells.get(f"{arch}|{seed}|ptq-{n}") for n in CALIBS]
             if all(both):
-                best = max(both, key=lambda b: b.get("int8_val_top1") or -1.0)
+                best = max([*both, *[c for c in [cells.cells.get(f"{arch}|{seed}|{HIST}")] if c]],
+                           key=lambda b: b.get("int8_val_top1") or -1.0)
                 rows.append({**row, "quantization": "ptq-best", "calib": best["calib"],
+                             "observer": _observer(best),
                              "int8_top1": best.get("int8_top1"), "p50_ms": best.get("p50_ms"),
                              "fp32_top1": best.get("fp32_top1"), "wall_s": best.get("export_wall_s"), "converter": best.get("converter", "")})
     return rows
@@ -193,7 +223,9 @@ def render(cells: Cells, command: str) -> str:
              f"Made by `{command}` (cells in `{cells.path.name}`; its `table` is the issue's JSON rows).", "",
              "Teacher: the main job's (methods_main_teacher.pt); float student trained with the quick recipe's "
              "budget (AT-KD, KD without feature maps), then int8: PTQ with 500 / 2,000 calibration images "
-             "(ptq-best: the better on validation images), and QAT fine-tuning of the same student against the "
+             "by the default converter, and with 500 by litert-torch (ptq-hist: onnx2tf calibrates in TFLite's "
+             "converter with min-max ranges, litert-torch's PT2E quantizer with histogram observers; ptq-best: the "
+             "best of the three on validation images), and QAT fine-tuning of the same student against the "
              "same teacher. Drop: fp32 TFLite top-1 − int8 TFLite top-1 on the test set, points (mean ± sd over "
              "seeds). p50: median bare LiteRT `invoke()`, 1 thread, all files interleaved"
              + (f" (load average {t['load_1m_before']:.2f} before, {t['load_1m_after']:.2f} after)." if t else
@@ -202,9 +234,8 @@ def render(cells: Cells, command: str) -> str:
              "% of the student's | converter / refused |", "|---|---|---|---|---|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in rows))
     for fam in families:
-        for q in ("ptq", "ptq-best", "qat", "qat-refused"):
-            mine = [r for r in rows if r["family"] == fam and r["quantization"] == ("qat" if q == "qat-refused" else q)
-                    and (q != "ptq" or r.get("calib") == CALIBS[0])]
+        for q in ("ptq", HIST, "ptq-best", "qat", "qat-refused"):
+            mine = [r for r in rows if r["family"] == fam and _is(r, q)]
             if q == "qat-refused":  # the files export's parity rule refused, converted again and scored
                 mine = [{**r, "int8_top1": r["refused_file_top1"], "converter": "litert-torch"} for r in mine
                         if r.get("refused_file_top1") is not None]
@@ -218,12 +249,14 @@ def render(cells: Cells, command: str) -> str:
                 qat_cells = [cells.cells[f"{fam}|seed={r['seed']}|qat"] for r in ok]
                 shares = [c["qat_wall_s"] / c["student_epochs_wall_s"] * 100 for c in qat_cells]
                 share = f"{statistics.fmean(shares):.0f} %" if shares else ""
-            label = q + (f" ({'/'.join(str(r['calib']) for r in mine)})" if q == "ptq-best" else
-                         f" ({CALIBS[0]})" if q == "ptq" else f" ({mine[0].get('qat_epochs', '')} ep)")
+            label = q + (f" ({'/'.join(_calib_label(r) for r in mine)})" if q == "ptq-best" else
+                         f" ({CALIBS[0]})" if q == "ptq" else f" ({CALIBS[0]}, litert-torch)" if q == HIST
+                         else f" ({mine[0].get('qat_epochs', '')} ep)")
             if q == "qat-refused":
                 label = "qat, the file parity refused, scored anyway (agreement with its fake-quant: " + ", ".join(
                     f"{r['refused_file_agreement_ties']:.2f} %" for r in mine) + ")"
-            conv = ", ".join(sorted({r["converter"] for r in ok}))
+            conv = ", ".join(sorted({r["converter"] + (f" ({r['observer']})" if r.get("observer") else "")
+                                     for r in ok}))
             note = conv + (f"; {len(refused)} refused: {refused[0][:160]}" if refused else "")
             lines.append(f"| {fam} | {label} | {len(ok)} | {mean_std([r['fp32_top1'] for r in ok])} | "
                          f"{mean_std([r['int8_top1'] for r in ok])} | "
@@ -234,6 +267,22 @@ def render(cells: Cells, command: str) -> str:
               "| source | model | fp32 → int8 |", "|---|---|---|"]
     lines += [f"| {s} | {m} | {v} |" for s, m, v in ANCHORS]
     return "\n".join(lines) + "\n"
+
+
+def _observer(cell: dict[str, Any]) -> str | None:
+    """How the converter that wrote a PTQ file chose its activation ranges (see HIST)."""
+    return {"onnx2tf": "min-max", "litert-torch": "histogram"}.get(cell.get("converter", ""))
+
+
+def _is(row: dict[str, Any], q: str) -> bool:
+    """Whether a table row belongs to the rendered row kind ``q`` (ptq: the default calibration, auto converter)."""
+    if q in ("ptq", HIST):
+        return row["quantization"] == "ptq" and row.get("cell") == (f"ptq-{CALIBS[0]}" if q == "ptq" else HIST)
+    return row["quantization"] == ("qat" if q == "qat-refused" else q)
+
+
+def _calib_label(row: dict[str, Any]) -> str:
+    return f"{row['calib']}" + (" histogram" if row.get("observer") == "histogram" else "")
 
 
 def _time(cells: Cells, runs: int) -> None:
@@ -255,11 +304,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = list(dict.fromkeys(r["family"] for r in rows))
-    for i, q in enumerate(("ptq", "ptq-best", "qat")):
-        drops = [[r["fp32_top1"] - r["int8_top1"] for r in rows if r["family"] == f and r["quantization"] == q
-                  and r["int8_top1"] is not None and (q != "ptq" or r.get("calib") == CALIBS[0])] for f in families]
-        ax.bar([j + (i - 1) * 0.27 for j in range(len(families))], [statistics.fmean(d) if d else 0 for d in drops],
-               0.27, label=q)
+    kinds = ("ptq", HIST, "ptq-best", "qat")
+    for i, q in enumerate(kinds):
+        drops = [[r["fp32_top1"] - r["int8_top1"] for r in rows if r["family"] == f and _is(r, q)
+                  and r["int8_top1"] is not None] for f in families]
+        ax.bar([j + (i - 1.5) * 0.2 for j in range(len(families))], [statistics.fmean(d) if d else 0 for d in drops],
+               0.2, label=q)
     ax.axhline(0.3, color="k", ls="--", lw=0.8, label="0.3 pt target")
     ax.set_xticks(range(len(families)), [f.split("/")[-1] for f in families], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("fp32 → int8 drop, pt (test, mean over seeds)")
