@@ -206,14 +206,13 @@ def table(cells: Cells) -> list[dict[str, Any]]:
             row |= {"cell": what, "observer": _observer(c)}
         rows.append(row)
         if what == f"ptq-{CALIBS[-1]}":
-            both = [cells.cells.get(f"{arch}|{seed}|ptq-{n}") for n in CALIBS]
-            if all(both):
-                best = max([*both, *[c for c in [cells.cells.get(f"{arch}|{seed}|{HIST}")] if c]],
-                           key=lambda b: b.get("int8_val_top1") or -1.0)
-                rows.append({**row, "quantization": "ptq-best", "calib": best["calib"],
-                             "observer": _observer(best),
-                             "int8_top1": best.get("int8_top1"), "p50_ms": best.get("p50_ms"),
-                             "fp32_top1": best.get("fp32_top1"), "wall_s": best.get("export_wall_s"), "converter": best.get("converter", "")})
+            got = {n: cells.cells.get(f"{arch}|{seed}|{n}") for n in (*(f"ptq-{c}" for c in CALIBS), HIST)}
+            if all(got[f"ptq-{c}"] for c in CALIBS):
+                name, best = max(((n, c) for n, c in got.items() if c), key=lambda nc: nc[1].get("int8_val_top1") or -1.0)
+                rows.append({**row, "quantization": "ptq-best", "cell": name, "calib": best["calib"],
+                             "observer": _observer(best), "int8_top1": best.get("int8_top1"),
+                             "p50_ms": best.get("p50_ms"), "fp32_top1": best.get("fp32_top1"),
+                             "wall_s": best.get("export_wall_s"), "converter": best.get("converter", "")})
     return rows
 
 

@@ -218,12 +218,15 @@ def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teache
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     data = json.loads((tmp_path / "quant.json").read_text())
-    rows = {(row["quantization"], row.get("calib")): row for row in data["table"]}
-    assert {q for q, _ in rows} == {"ptq", "ptq-best", "qat"}
-    assert rows[("ptq", 500)]["int8_top1"] is not None and rows[("ptq", 2000)]["int8_top1"] is not None
+    rows = {(row["quantization"], row.get("cell")): row for row in data["table"]}
+    ptq = ("ptq-500", "ptq-2000", "ptq-hist")
+    assert {q for q, _ in rows} == {"ptq", "ptq-best", "qat"} and {c for q, c in rows if q == "ptq"} == set(ptq)
+    assert all(rows[("ptq", n)]["int8_top1"] is not None for n in ptq)
+    # the observers compared: TFLite's min-max ranges (onnx2tf) against PT2E histograms (litert-torch)
+    assert (rows[("ptq", "ptq-500")]["observer"], rows[("ptq", "ptq-hist")]["observer"]) == ("min-max", "histogram")
     best = next(row for (q, _), row in rows.items() if q == "ptq-best")
-    val = {n: data["cells"][f"mobilenet_v2|seed=0|ptq-{n}"]["int8_val_top1"] for n in (500, 2000)}
-    assert val[best["calib"]] == max(val.values())  # chosen on validation images, never test
+    val = {n: data["cells"][f"mobilenet_v2|seed=0|{n}"]["int8_val_top1"] for n in ptq}
+    assert val[best["cell"]] == max(val.values())  # chosen on validation images, never test
     qat = rows[("qat", None)]
     for row in rows.values():
         assert {"family", "seed", "quantization", "fp32_top1", "int8_top1", "p50_ms", "wall_s"} <= set(row)
@@ -231,6 +234,7 @@ def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teache
     assert qat["int8_top1"] is not None or cell["refused_file_top1"] is not None  # a refused file is scored too
     assert cell["qat_wall_s"] > 0 and cell["student_epochs_wall_s"] > 0 and qat["p50_ms"] > 0
     assert "| mobilenet_v2 | qat (0.5 ep) |" in (tmp_path / "quant.md").read_text()
+    assert "| mobilenet_v2 | ptq-hist (500, litert-torch) |" in (tmp_path / "quant.md").read_text()
 
     before = (tmp_path / "quant.json").read_text()
     r = subprocess.run(cmd + ["--no-timing"], capture_output=True, text=True, cwd=REPO)
