@@ -3,8 +3,9 @@
 For each family of ``benchmarks/students.md`` and each seed, on the main job's data and teacher
 (``benchmarks/methods_main_teacher.pt``): the float student is distilled as in students.py (AT-KD,
 KD where the student has no feature maps); its int8 file is post-training quantised with 500 and
-with 2,000 calibration images (``edgekd export --calib``; "ptq-best" is the one with the better
-*validation* top-1); then ``distill.qat.epochs`` of quantization-aware fine-tuning against the same
+with 2,000 calibration images (``edgekd export --calib``), and with 500 by litert-torch ("ptq-hist":
+PT2E histogram observers against onnx2tf's min-max ranges); "ptq-best" is the one of the three
+with the best *validation* top-1; then ``distill.qat.epochs`` of quantization-aware fine-tuning against the same
 teacher are added to the same run (``edgekd distill --resume --qat-epochs``) and its int8 file is
 exported from the trained fake-quant graph. Every file is scored on the test set; at the end all
 int8 files are timed in LiteRT at 1 thread in one interleaved run. Cells are kept in ``<out>.json``;
@@ -117,15 +118,13 @@ def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, q
                              **_int8_cell(run_dir, run_dir / f"ptq_calib{calib}.tflite", calib)})
     key = f"{prefix}|qat"
     if key not in cells.cells:
-        qat_recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
-            "qat": recipe.distill.qat.model_copy(update={"epochs": qat_epochs})})})
         cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", **_qat_cell(cells, prefix, recipe,
                                                                                            run_dir, qat_epochs)})
     key = f"{prefix}|{HIST}"
     if key not in cells.cells and (run_dir / artifacts.best_checkpoint("student")).is_file():
         cells.keep(key, {"family": arch, "seed": seed, "quantization": "ptq", "calib": CALIBS[0],
-                         "observer": "histogram", **_int8_cell(_float_only(run_dir), run_dir / "ptq_hist.tflite",
-                                                               CALIBS[0], converter="litert-torch")})
+                         **_int8_cell(_float_only(run_dir), run_dir / "ptq_hist.tflite", CALIBS[0],
+                                      converter="litert-torch")})
 
 
 def _qat_cell(cells: Cells, prefix: str, recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any]:
