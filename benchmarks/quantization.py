@@ -118,8 +118,8 @@ def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, q
                              **_int8_cell(run_dir, run_dir / f"ptq_calib{calib}.tflite", calib)})
     key = f"{prefix}|qat"
     if key not in cells.cells:
-        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", **_qat_cell(cells, prefix, recipe,
-                                                                                           run_dir, qat_epochs)})
+        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", **_qat_cell(recipe, run_dir,
+                                                                                           qat_epochs)})
     key = f"{prefix}|{HIST}"
     if key not in cells.cells and (run_dir / artifacts.best_checkpoint("student")).is_file():
         cells.keep(key, {"family": arch, "seed": seed, "quantization": "ptq", "calib": CALIBS[0],
@@ -127,7 +127,7 @@ def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, q
                                       converter="litert-torch")})
 
 
-def _qat_cell(cells: Cells, prefix: str, recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any]:
+def _qat_cell(recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any]:
     """``qat_epochs`` of QAT added to the run (the float student trained first where the run dir is
     new), its int8 file exported from the fake-quant graph and scored."""
     qat_recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
