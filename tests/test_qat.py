@@ -156,3 +156,28 @@ def test_an_export_is_current_only_when_its_int8_file_comes_from_the_qat_student
     write_json(out / artifacts.EXPORT_REPORT, report)
     assert artifacts.current_export(run, formats, True, "onnx2tf") == report
 
+
+
+def test_dead_and_nearly_dead_batchnorm_channels_become_constants_before_qat_only_the_dead_for_ptq():
+    from edgekd.models.dead_channels import QAT_REL_VAR, zero_dead_channels
+
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False), torch.nn.BatchNorm2d(3))
+        m[1].running_var.copy_(torch.tensor([1e-13, 1e-9, 1e-4]))  # eps 1e-5: dead, nearly dead, live
+        m[1].running_mean.zero_()
+        m[1].weight.data.fill_(2.0)
+        m[1].bias.data.copy_(torch.tensor([0.5, -0.7, 0.1]))
+        return m.eval()
+
+    x = torch.randn(4, 3, 8, 8)
+    x[:, 0] = 0  # what a dead channel sees: its input never varies (a ReLU upstream that never fires)
+    ptq, qat = model(), model()
+    before = ptq(x)
+    assert zero_dead_channels(ptq) == 1 and zero_dead_channels(qat, rel_var=QAT_REL_VAR) == 2
+    assert torch.count_nonzero(ptq[0].weight.flatten(1), dim=1).tolist() == [0, 9, 9]
+    assert torch.count_nonzero(qat[0].weight.flatten(1), dim=1).tolist() == [0, 0, 9]
+    after = ptq(x)
+    assert torch.equal(after[:, 0], torch.full_like(after[:, 0], 0.5))  # the constant it always was: beta
+    assert torch.allclose(after, before, atol=1e-6)
+    assert torch.equal(qat(x)[:, 1], torch.full_like(after[:, 1], -0.7))  # nearly dead: beta, for QAT to absorb

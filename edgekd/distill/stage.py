@@ -37,7 +37,7 @@ from edgekd.distiller import Distiller
 from edgekd.losses.methods import METHODS, TERMS, get_method
 from edgekd.errors import EdgekdError
 from edgekd.models import build_from_checkpoint, build_model, count_params, pair_stages, stage_shapes, tap_candidates
-from edgekd.models.dead_channels import zero_dead_channels
+from edgekd.models.dead_channels import QAT_REL_VAR, zero_dead_channels
 from edgekd.models.resize import resize_input
 from edgekd.models.weights import load_weights
 from edgekd.recipe import Recipe, recipe_from_dict
@@ -474,7 +474,8 @@ def _qat(ctx: _Ctx, method: Any, teacher: nn.Module | None, student: nn.Module, 
               "freeze_observer_step": round(cfg.freeze_observers_after * total)}
     t0 = time.perf_counter()
     float_student = copy.deepcopy(student)
-    zeroed = zero_dead_channels(float_student)  # as export does for PTQ: else the int8 file rounds their bias away
+    # as export does for PTQ (else the int8 file rounds their bias away), and the nearly dead too
+    zeroed = zero_dead_channels(float_student, rel_var=QAT_REL_VAR)
     qat = prepare_qat(float_student, taps, sample, **freeze)
     hist = _fit(ctx, QAT_ROLE, qat, recipe.student.arch, recipe.student.model_kwargs(),
                 lambda m: Distiller(m, method, recipe.distill, teacher=teacher, pairs=pairs,
