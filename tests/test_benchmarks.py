@@ -241,6 +241,16 @@ def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teache
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "quant.json").read_text())["cells"] == json.loads(before)["cells"]  # nothing redone
 
+    # op by op, the QAT file against the graph it was trained as
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "qat_drift.py"), str(tmp_path / "quant_runs" / "mobilenet_v2_seed0_atkd"),
+                        "--images", "5"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ops = [line.split() for line in r.stdout.splitlines() if line[:4].strip().isdigit()]
+    assert len(ops) >= 10
+    first_conv = next(op for op in ops if "CONV" in op[1])
+    assert int(first_conv[2]) <= 1  # the same int8 image in: the first conv's outputs agree within a step
+    assert "top-1 agreement, file vs converted graph:" in r.stdout and "logits (op" in r.stdout
+
 
 @pytest.mark.e2e
 def test_kd_terms_measures_each_terms_gradient(tmp_path, tiny_teacher):
