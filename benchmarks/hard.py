@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.converged:
         args.mobilenet_train_subset, args.mobilenet_epochs = 8000, None
     mb = load_recipe(args.mobilenet_recipe, {"data.train_subset": args.mobilenet_train_subset,
-                                             "student.epochs": args.mobilenet_epochs, "train.device": args.device})
+                                             "student.epochs": args.mobilenet_epochs, "train.device": args.device,
+                                             "distill.qat.epochs": 0})  # float students
     args.mobilenet_epochs = mb.student.epochs
 
     def table(title: str, setting: str, table_rows: dict[str, list[dict]], reference: str) -> list[str]:

@@ -39,7 +39,7 @@ def probe(recipe_path: str, teacher_path: str, train_subset: int, epochs: int, s
           max_steps: int | None) -> list[dict]:
     """Per step: each weighted term's value and gradient norm, and cos(grad KD, grad CE)."""
     recipe = load_recipe(recipe_path, {"data.train_subset": train_subset, "student.epochs": epochs, "seed": seed,
-                                       "train.device": "cpu"})
+                                       "train.device": "cpu", "distill.qat.epochs": 0})  # the float terms
     data = load_dataset(recipe.data, seed)
     teacher = build_from_checkpoint(load_checkpoint(teacher_path), teacher_path).eval()
     student = _new_student(recipe, data, torch.device("cpu"))  # the trainer's own initial weights

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     runs = Path(f"{out}_runs")
     overrides = {"data.train_subset": args.train_subset, "data.test_subset": args.test_subset,
-                 "student.epochs": args.epochs, "teacher.epochs": args.teacher_epochs, "train.device": args.device}
+                 "student.epochs": args.epochs, "teacher.epochs": args.teacher_epochs, "train.device": args.device,
+                 "distill.qat.epochs": 0}  # float students: QAT has its own table (quantization.py)
     base = load_recipe(args.recipe, overrides)
     json_path = Path(f"{out}.json")
     table = Cells(json_path)

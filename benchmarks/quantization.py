@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no teacher at {args.teacher}: run `python benchmarks/methods.py --main` first, "
                          "or pass --teacher")
     out, runs = Path(args.out), Path(f"{args.out}_runs")
-    base = load_recipe(args.recipe, {"teacher.checkpoint": args.teacher,
+    # the float student first (its PTQ cells); the QAT cell adds its own epochs to that run
+    base = load_recipe(args.recipe, {"teacher.checkpoint": args.teacher, "distill.qat.epochs": 0,
                                      **_parse_sets(args.set)})
     cells = Cells(Path(f"{out}.json"))
     families = args.families.split(",")

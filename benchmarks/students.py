@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                          "and keeps the main job's teacher), or pass --teacher")
     out, runs = Path(args.out), Path(f"{args.out}_runs")
     base = load_recipe(args.recipe, {"data.train_subset": args.train_subset, "data.test_subset": args.test_subset,
-                                     "student.epochs": args.epochs, "teacher.checkpoint": args.teacher})
+                                     "student.epochs": args.epochs, "teacher.checkpoint": args.teacher,
+                                     "distill.qat.epochs": 0})  # float students: QAT has its own table
     cells = Cells(Path(f"{out}.json"))
     families = args.families.split(",")
     for seed in range(0 if args.timing_only else args.seeds):

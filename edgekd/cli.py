@@ -33,7 +33,10 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log what t
 
 
 def _fail(e: Exception, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {e}", soft_wrap=True, highlight=False)
+    from rich.markup import escape
+
+    # escaped: a message's own brackets (pip install 'edgekd[export]') are text, not markup
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
 
 

@@ -82,3 +82,13 @@ def test_global_batch_must_divide_among_processes(tmp_path, tiny_teacher):
     r = subprocess.run(_distill(recipe, tmp_path / "o", tiny_teacher, nproc=2), capture_output=True, text=True,
                        cwd=REPO)
     assert r.returncode != 0 and "must divide among 2 processes" in r.stderr
+
+
+@pytest.mark.e2e
+def test_qat_under_torchrun_is_refused_before_the_float_epochs(tmp_path, tiny_teacher):
+    recipe = write_recipe(tmp_path / "r.yaml", student={"arch": "mlp"}, distill={"method": "kd", "qat": {"epochs": 1}},
+                          train={"batch_size": 40})
+    r = subprocess.run(_distill(recipe, tmp_path / "o", tiny_teacher, nproc=2), capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode != 0 and "distill.qat runs in one process" in r.stderr and "--qat-epochs 0" in r.stderr
+    assert not list((tmp_path / "o").glob("student_*.pt"))  # no float epoch was spent on it

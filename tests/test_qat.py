@@ -181,3 +181,14 @@ def test_dead_and_nearly_dead_batchnorm_channels_become_constants_before_qat_onl
     assert torch.equal(after[:, 0], torch.full_like(after[:, 0], 0.5))  # the constant it always was: beta
     assert torch.allclose(after, before, atol=1e-6)
     assert torch.equal(qat(x)[:, 1], torch.full_like(after[:, 1], -0.7))  # nearly dead: beta, for QAT to absorb
+
+
+def test_qat_without_its_packages_is_one_line_before_any_epoch(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", distill={"method": "kd", "qat": {"epochs": 1}})
+    hide = "import sys; sys.modules['litert_torch'] = None; from edgekd.cli import app; app()"  # as if not installed
+    r = subprocess.run([sys.executable, "-c", hide, "distill", str(recipe), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "distill.qat needs the 'litert_torch' package: pip install 'edgekd[export]'" in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert not list((tmp_path / "run").glob("*.pt"))  # refused before the float epochs, not after them

@@ -425,9 +425,14 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     """Run the distil stage of ``recipe`` into ``out_dir`` (see the module docstring)."""
     run_dir = Path(out_dir)
     resumed = _check_run_dir(run_dir, resume)
+    if recipe.distill.qat.epochs:
+        _check_qat_imports()  # before the float epochs, not after them
     method = get_method(recipe.distill.method)
     t_start = time.perf_counter()
     ctx = _context(recipe, run_dir, resume, progress)
+    if recipe.distill.qat.epochs and ctx.world.size > 1:  # before the float epochs, not after them
+        raise EdgekdError("distill.qat runs in one process: distil under torchrun with --qat-epochs 0, then add "
+                          "QAT in one process (edgekd distill RECIPE --out DIR --resume)")
     teacher, t_hist, t_source = _teacher(ctx, method.needs_teacher)
     student = _new_student(recipe, ctx.data, ctx.device, ctx.weights_loaded)
     pairs = _stage_pairs(recipe, method, teacher, student, ctx.data)
@@ -462,9 +467,6 @@ def _qat(ctx: _Ctx, method: Any, teacher: nn.Module | None, student: nn.Module, 
     from edgekd.qat import prepare_qat
 
     recipe, cfg = ctx.recipe, ctx.recipe.distill.qat
-    if ctx.world.size > 1:
-        raise EdgekdError("distill.qat runs in one process: distil under torchrun without it, then run QAT alone "
-                          "(edgekd distill RECIPE --out DIR --resume --qat-epochs N)")
     batch = recipe.train.batch_size
     steps = max(1, len(ctx.data.train) // batch) if len(ctx.data.train) >= batch else 1
     total = max(1, round(cfg.epochs * steps))
@@ -485,6 +487,17 @@ def _qat(ctx: _Ctx, method: Any, teacher: nn.Module | None, student: nn.Module, 
     return {"checkpoint": artifacts.best_checkpoint(QAT_ROLE), "epochs": cfg.epochs, "steps": total,
             "taps": taps, **freeze, "dead_channels_zeroed": zeroed, "val_top1": best["val_top1"],
             "test_top1": best["test_top1"], "wall_s": time.perf_counter() - t0, "history": hist}
+
+
+def _check_qat_imports() -> None:
+    import importlib
+
+    for mod in ("torchao", "litert_torch"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            raise EdgekdError(f"distill.qat needs the '{mod}' package: pip install 'edgekd[export]', or set "
+                              "distill.qat.epochs: 0 (--qat-epochs 0)") from None
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> str | None:
