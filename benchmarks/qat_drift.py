@@ -39,7 +39,7 @@ from edgekd.train import prepare_batch
 def _torch_int8(graph: torch.fx.GraphModule, x: torch.Tensor) -> tuple[dict[str, tuple], np.ndarray]:
     """Every per-tensor quantize node's (scale, zero point, int8 output on ``x``), by node name,
     one image at a time as the file runs; and the logits."""
-    nodes = {n: n for n in graph.graph.nodes if n.op == "call_function" and str(n.target).endswith(
+    nodes = {n for n in graph.graph.nodes if n.op == "call_function" and str(n.target).endswith(
         "quantize_per_tensor.default") and "dequantize" not in str(n.target)}
     seen: dict[str, list[np.ndarray]] = {}
 
@@ -55,8 +55,7 @@ def _torch_int8(graph: torch.fx.GraphModule, x: torch.Tensor) -> tuple[dict[str,
 
     with torch.no_grad():
         logits = np.concatenate([Recorder(graph).run(x[i:i + 1]).numpy() for i in range(len(x))])
-    return {k: (value(n.args[1]), int(value(n.args[2])), np.concatenate(seen[n.name])) for k, n in
-            ((n.name, n) for n in nodes)}, logits
+    return {n.name: (value(n.args[1]), int(value(n.args[2])), np.concatenate(seen[n.name])) for n in nodes}, logits
 
 
 def _coarse_biases(it: object, tensors: dict[int, dict]) -> list[str]:
