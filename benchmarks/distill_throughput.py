@@ -19,7 +19,7 @@ import torch
 from edgekd.data import TensorSplit, load_dataset
 from edgekd.distiller import Distiller
 from edgekd.losses.methods import METHODS
-from edgekd.distill.stage import resolve_device
+from edgekd.distill.context import resolve_device
 from edgekd.models import build_model, pair_stages, stage_shapes, tap_candidates
 from edgekd.recipe import AugmentConfig, DataConfig, DistillConfig, TrainConfig
 from edgekd.train import autocast, make_optimizer, make_scheduler, prepare_batch, train_one_epoch

@@ -26,7 +26,7 @@ from edgekd.checkpoint import load_checkpoint, write_json  # noqa: E402
 from edgekd.data import load_dataset  # noqa: E402
 from edgekd.distiller import Distiller  # noqa: E402
 from edgekd.losses.methods import METHODS  # noqa: E402
-from edgekd.distill.stage import _new_student  # noqa: E402
+from edgekd.distill.student import new_student  # noqa: E402
 from edgekd.models import build_from_checkpoint  # noqa: E402
 from edgekd.models import pair_stages, stage_shapes, tap_candidates  # noqa: E402
 from edgekd.recipe import load_recipe  # noqa: E402
@@ -42,7 +42,7 @@ def probe(recipe_path: str, teacher_path: str, train_subset: int, epochs: int, s
                                        "train.device": "cpu", "distill.qat.epochs": 0})  # the float terms
     data = load_dataset(recipe.data, seed)
     teacher = build_from_checkpoint(load_checkpoint(teacher_path), teacher_path).eval()
-    student = _new_student(recipe, data, torch.device("cpu"))  # the trainer's own initial weights
+    student = new_student(recipe, data, torch.device("cpu"))  # the trainer's own initial weights
     size = (data.channels, data.image_size)
     pairs = pair_stages(stage_shapes(teacher, tap_candidates(recipe.teacher.arch, teacher, *size), *size),
                         stage_shapes(student, tap_candidates(recipe.student.arch, student, *size), *size))
@@ -56,7 +56,7 @@ def probe(recipe_path: str, teacher_path: str, train_subset: int, epochs: int, s
     rows, step = [], 0
     for epoch in range(epochs):
         distiller.train()
-        e_seed = seed * 1000 + 500 + epoch  # the student's (seed, role, epoch) seed in stage._fit
+        e_seed = seed * 1000 + 500 + epoch  # the student's (seed, role, epoch) seed in edgekd.distill.fit
         gen = torch.Generator().manual_seed(e_seed)
         torch.manual_seed(e_seed)
         for x_u8, y in data.train.batches(cfg.batch_size, torch.device("cpu"), seed=e_seed):

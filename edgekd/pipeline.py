@@ -14,7 +14,9 @@ from typing import Any
 
 from edgekd import artifacts
 from edgekd.bench import SSHOptions, bench
-from edgekd.distill.stage import Progress, distill, resume_difference
+from edgekd.distill.context import Progress
+from edgekd.distill.resume import resume_difference
+from edgekd.distill.stage import distill
 from edgekd.errors import EdgekdError
 from edgekd.export import export, resolve_converter
 from edgekd.gate import GateResult, gate

@@ -1,6 +1,6 @@
 """The training loop: one epoch of training and one evaluation, each returning a metric dict.
 
-Checkpoints, logs and progress bars live in the caller (``edgekd.distill.stage``).
+Checkpoints, logs and progress bars live in the caller (``edgekd.distill.fit``).
 """
 
 from __future__ import annotations

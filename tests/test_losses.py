@@ -92,9 +92,9 @@ def test_warmup_scale_ramps_linearly_then_holds():
 
 
 def test_epochs_since_best_reads_the_first_best_epoch():
-    from edgekd.distill.stage import _epochs_since_best
+    from edgekd.distill.fit import epochs_since_best
 
     h = [{"val_top1": v} for v in (50.0, 60.0, 60.0, 55.0)]
-    assert _epochs_since_best(h) == 2  # 60 first reached at epoch 2; a tie is no improvement
-    assert _epochs_since_best(h[:2]) == 0
-    assert _epochs_since_best([{"val_top1": float("nan")}]) == 0
+    assert epochs_since_best(h) == 2  # 60 first reached at epoch 2; a tie is no improvement
+    assert epochs_since_best(h[:2]) == 0
+    assert epochs_since_best([{"val_top1": float("nan")}]) == 0
