@@ -129,6 +129,46 @@ def test_pareto_front_keeps_only_undominated_trained_trials():
     assert pareto_front(rows) == [0, 1, 3]
 
 
+class _TableRunner:
+    """Stands in for the trial runner (distil, export, time): each candidate's objective from a
+    table, and a count of the candidates run. What is tested is the study's loop around it."""
+
+    def __init__(self, recipe, table):
+        self.recipe, self.budget, self.table, self.runs = recipe, {}, table, []
+
+    def run(self, trial, c):
+        trial.set_user_attr("config", c.key)
+        trial.set_user_attr("measured", {"p90_ms": 1.0, "size_mb": 0.5})
+        self.runs.append(c.key)
+        return self.table[c.key]
+
+
+@pytest.mark.parametrize("n", [4, 9])
+def test_the_sampler_picking_a_tried_candidate_again_runs_and_counts_nothing(tmp_path, n):
+    """A 6-point space with a steep objective: TPE comes back to its best point, and those picks
+    are duplicates (never run, not of the budget); n distinct candidates run, all 6 when n > 6."""
+    import optuna
+
+    from edgekd.search.report import trial_rows
+    from edgekd.search.stage import _open_study, _optimize
+    from edgekd.search import SearchTarget
+
+    rec = load_recipe(_search_recipe(tmp_path / "r.yaml", students=["mobilenet_v2"], image_sizes=[16, 20, 24],
+                                     width_mults=[0.25, 0.5]))
+    table = {c.key: 50.0 + 10 * i for i, c in enumerate(candidates(rec.search))}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(rec, {}, SearchTarget(bench=rec.bench), f"sqlite:///{tmp_path / 'study.db'}", n)
+    runner = _TableRunner(rec, table)
+    _optimize(study, runner, n, None)
+    assert len(runner.runs) == len(set(runner.runs)) == min(n, len(table))  # each candidate run once
+    rows = trial_rows(study, {})
+    assert sum(r["state"] == "complete" for r in rows) == min(n, len(table))
+    dups = [r for r in rows if r["state"] == "duplicate"]
+    assert all(r["config"] in runner.runs and "not run again" in r["reason"] for r in dups)
+    if n > len(table):
+        assert dups  # the space was spent: the sampler can only have picked tried points
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 @pytest.mark.e2e

@@ -29,6 +29,8 @@ def trial_rows(study: Any, budget: dict[str, float]) -> list[dict[str, Any]]:
             state = "complete" if trained and inside else "over budget" if trained else "over budget (untrained)"
         elif t.state == TrialState.FAIL:
             state = "failed" if "error" in a else "worker died (retried)"
+        elif "duplicate_of" in a:
+            state = "duplicate"
         else:
             state = t.state.name.lower()
         rows.append({
@@ -37,12 +39,17 @@ def trial_rows(study: Any, budget: dict[str, float]) -> list[dict[str, Any]]:
             "quantization": a.get("quantization_used"),
             **{k: measured.get(k) for k in BUDGET_KEYS}, "constraints": dict(t.constraints),
             "measured_untrained": "measured" not in a and bool(measured),
-            "reason": a.get("error") or a.get("over") or _pruned_reason(t) or "", "run_dir": a.get("run_dir"),
+            "reason": a.get("error") or a.get("over") or _pruned_reason(t) or _duplicate_reason(a) or "", "run_dir": a.get("run_dir"),
             "measured": measured or None,
             "wall_s": (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start else None,
         })
     return rows
+
+
+def _duplicate_reason(attrs: dict[str, Any]) -> str:
+    n = attrs.get("duplicate_of")
+    return "" if n is None else f"the sampler's second pick of trial {n}'s candidate: not run again, not counted"
 
 
 def _pruned_reason(t: Any) -> str:

@@ -30,11 +30,13 @@ from edgekd.recipe import Recipe
 from edgekd.search.budget import format_budget
 from edgekd.search.measure import SearchTarget
 from edgekd.search.report import pareto_front, trial_rows, write_search_report
-from edgekd.search.space import Candidate, check_space, suggest
+from edgekd.search.space import Candidate, candidates, check_space, suggest
 from edgekd.search.trial import TrialRunner, shared_teacher
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S, GRACE_S = 5, 20  # a worker's running trial beats every 5 s; silent for 20 s, it is failed
+# a sampler that keeps proposing tried candidates (this many times the space's size) ends the search
+MAX_DUPLICATES = 4
 
 
 class SearchProgress(Protocol):
@@ -142,22 +144,29 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
 
     def objective(trial: Any) -> float:
         c = Candidate.from_params(suggest(trial, runner.recipe.search))
+        twin = _tried(study, c.key, trial.number)
+        if twin is not None:  # a categorical sampler comes back to tried points: they cost and count nothing
+            trial.set_user_attr("config", c.key)
+            trial.set_user_attr("duplicate_of", twin)
+            # pruned without a curve, TPE ranks it below every trained trial and turns elsewhere
+            raise optuna.TrialPruned(f"duplicate of trial {twin}")
         if progress:
             progress.trial_started(trial.number, _counts(study)[0], n, c.key)
         return runner.run(trial, c)
 
     def ended(study: Any, frozen: Any) -> None:
-        if progress:
+        if progress and "duplicate_of" not in frozen.user_attrs:
             rows = trial_rows(study, runner.budget)
             row = next(r for r in rows if r["number"] == frozen.number)
             progress.trial_ended(row, _counts(study)[0], n, _best(rows))
 
+    space = len(candidates(runner.recipe.search))
     while True:
         with warnings.catch_warnings():  # Optuna marks it experimental; it is what makes a dead worker's trial run again
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
         done, running, waiting = _counts(study)
-        if done + running >= n and not waiting:
+        if done + running >= min(n, space) and not waiting or _duplicates(study) > MAX_DUPLICATES * space:
             if not running:
                 return
             time.sleep(HEARTBEAT_S)
@@ -165,12 +174,30 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
         study.optimize(objective, n_trials=1, catch=(EdgekdError,), callbacks=[ended])
 
 
-def _counts(study: Any) -> tuple[int, int, int]:
-    """(finished, running, waiting) trials. A trial failed for a reason (a converter's refusal, a
-    board that dropped) is finished; one failed because its worker died is retried, so is not."""
+def _tried(study: Any, key: str, number: int) -> int | None:
+    """The number of another trial of candidate ``key`` that finished or runs (a dead worker's,
+    waiting to run again, is not one), else None."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    for t in study.get_trials(deepcopy=False):
+        if t.number != number and t.user_attrs.get("config") == key and "duplicate_of" not in t.user_attrs and (
+                t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                or (t.state == TrialState.FAIL and "error" in t.user_attrs)):
+            return t.number
+    return None
+
+
+def _duplicates(study: Any) -> int:
+    return sum("duplicate_of" in t.user_attrs for t in study.get_trials(deepcopy=False))
+
+
+def _counts(study: Any) -> tuple[int, int, int]:
+    """(finished, running, waiting) trials, each a distinct candidate. A trial failed for a reason
+    (a converter's refusal, a board that dropped) is finished; one failed because its worker died
+    is retried, so is not; a duplicate of a tried candidate is not a trial of the budget."""
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False) if "duplicate_of" not in t.user_attrs]
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
