@@ -164,6 +164,12 @@ def _epochs_wall(run_dir: Path, role: str) -> float:
         return sum(float(row["wall_s"]) for row in csv.DictReader(f) if row["role"] == role)
 
 
+def _measured_part(refusal: str) -> str:
+    """A parity refusal up to its rule: what was measured, not the diagnosis of the edgekd that made it."""
+    at = refusal.find("(the rule is")
+    return refusal if at < 0 else refusal[:refusal.index(")", at) + 1]
+
+
 def _refused_qat_file(run_dir: Path) -> dict[str, Any]:
     """What export's parity rule refused: the QAT int8 file converted again and scored on the test
     set, against its fake-quant graph (top-1, agreement, logit differences in output LSBs)."""
@@ -247,7 +253,8 @@ def render(cells: Cells, command: str) -> str:
             if not mine:
                 continue
             ok = [r for r in mine if r["int8_top1"] is not None]
-            refused = [r["refused"] for r in mine if r["int8_top1"] is None]
+            # the measurement, not the diagnosis: a cell keeps the message of the edgekd that made it
+            refused = [_measured_part(r["refused"]) for r in mine if r["int8_top1"] is None]
             p50 = [r["p50_ms"] for r in ok if r.get("p50_ms")]
             share = ""
             if q.startswith("qat"):

@@ -323,8 +323,10 @@ def _score(made: dict[str, tuple[Path, str, float, str]], inputs: _Inputs, job: 
                 raise EdgekdError(f"{name} agrees with the QAT model's fake-quant output on "
                                   f"{agreement['top1_agreement_within_lsb']:.2f} % of {agreement['images']} test "
                                   f"images within {QAT_LSB_TOLERANCE} int8 steps (the rule is >= "
-                                  f"{QAT_MIN_AGREEMENT:g} %); this is a conversion error: report it with the "
-                                  "export.json")
+                                  f"{QAT_MIN_AGREEMENT:g} %): the int8 kernels round each op within a step "
+                                  "of the fake-quant graph, and this student grows those steps into other top-1 "
+                                  "classes, so the file is not the model QAT trained; export post-training int8 "
+                                  "instead (distill.qat.epochs: 0, or --qat-epochs 0 on a new --out)")
         if fmt == "onnx":
             try:
                 check_onnx_parity(name, agreement, tome=merges)
