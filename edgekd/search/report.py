@@ -39,7 +39,8 @@ def trial_rows(study: Any, budget: dict[str, float]) -> list[dict[str, Any]]:
             "quantization": a.get("quantization_used"),
             **{k: measured.get(k) for k in BUDGET_KEYS}, "constraints": dict(t.constraints),
             "measured_untrained": "measured" not in a and bool(measured),
-            "reason": a.get("error") or a.get("over") or _pruned_reason(t) or _duplicate_reason(a) or "", "run_dir": a.get("run_dir"),
+            "reason": a.get("error") or a.get("over") or _pruned_reason(t) or _duplicate_reason(a) or "",
+            "run_dir": a.get("run_dir"),
             "measured": measured or None,
             "wall_s": (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start else None,
