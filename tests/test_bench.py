@@ -219,6 +219,12 @@ def test_runner_killed_mid_run(chain, sshd, odd_export, remote_tmp):
     t = threading.Thread(target=work)
     t.start()
     pids = _wait_for_runner(str(remote_tmp))
+    # kill it while it times, after LiteRT has mapped the file and printed its banner on stderr: ssh's
+    # exit 255 then comes with a line on stderr, as an ssh error does (this raced under load once)
+    deadline = time.monotonic() + 120
+    while ".tflite" not in Path(f"/proc/{pids[0]}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
     os.kill(pids[0], signal.SIGKILL)
     t.join(60)
     assert "killed while timing student_int8.tflite" in str(outcome.get("error")), outcome

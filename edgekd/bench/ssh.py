@@ -183,7 +183,7 @@ def _runner_json(target: Target, proc: subprocess.CompletedProcess, model: str, 
         raise EdgekdError(f"{target.name}: runner on {model}: {data['error']}")
     if proc.returncode == 124:
         raise EdgekdError(f"{target.name}: runner on {model} timed out after {timeout:.0f} s (raise --timeout)")
-    if proc.returncode in (137, -9, 143, -15) or (proc.returncode == 255 and not proc.stderr.strip()):
+    if proc.returncode in (137, -9, 143, -15) or (proc.returncode == 255 and _died_on_the_board(target, proc)):
         raise EdgekdError(f"{target.name}: the runner was killed while timing {model} (exit {proc.returncode}; "
                           "out of memory or stopped by someone)")
     if proc.returncode == 127:
@@ -192,3 +192,9 @@ def _runner_json(target: Target, proc: subprocess.CompletedProcess, model: str, 
         raise EdgekdError(f"{target.name}: runner on {model} failed: {target.explain(proc)}")
     return data
 
+
+def _died_on_the_board(target: Target, proc: subprocess.CompletedProcess) -> bool:
+    """OpenSSH exits 255 for its own errors and also when the remote command died by a signal. Its
+    own errors leave a line on stderr; the runner may have left one too (LiteRT's banner) before it
+    was killed, so a board that still answers tells the two apart: the link held, the runner died."""
+    return not proc.stderr.strip() or target.run(["true"], timeout=30).returncode == 0
