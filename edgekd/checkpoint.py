@@ -37,6 +37,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets what open() would give
         os.replace(tmp_path, path)
     except OSError as e:  # disk full, a file size limit, a read-only folder: one line, nothing half-written
         raise EdgekdError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another "
@@ -44,6 +45,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path is not None:
             tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_safe(obj: Any) -> Any:

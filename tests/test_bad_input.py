@@ -406,6 +406,18 @@ def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
     assert not list((tmp_path / "run").glob("*.pt"))  # no checkpoint that looks complete
 
 
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    """A report written through mkstemp is not left 0600: others on the board or in CI read it."""
+    from edgekd.checkpoint import write_json
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
 def _interrupt(cmd: list[str], ready: Callable[[], bool], timeout: float = 900) -> str:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=default_sigint)

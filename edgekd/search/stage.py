@@ -175,13 +175,14 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
 
 
 def _tried(study: Any, key: str, number: int) -> int | None:
-    """The number of another trial of candidate ``key`` that finished or runs (a dead worker's,
-    waiting to run again, is not one), else None."""
+    """The number of another trial of candidate ``key`` that finished, runs or waits to run, else
+    None. A dead worker's trial is failed and re-queued as a waiting retry; a fresh sample of the
+    same candidate is the duplicate, so the retry (which carries ``failed_trial``) runs it."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False):
         if t.number != number and t.user_attrs.get("config") == key and "duplicate_of" not in t.user_attrs and (
-                t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+                t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
                 or (t.state == TrialState.FAIL and "error" in t.user_attrs)):
             return t.number
     return None
