@@ -165,8 +165,9 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
         with warnings.catch_warnings():  # Optuna marks it experimental; it is what makes a dead worker's trial run again
             warnings.simplefilter("ignore")
             optuna.storages.fail_stale_trials(study)
-        done, running, waiting = _counts(study)
-        if done + running >= min(n, space) and not waiting or _duplicates(study) > MAX_DUPLICATES * space:
+        done, running, waiting, screened = _counts(study)
+        if (done + running >= n or done + screened + running >= space) and not waiting \
+                or _duplicates(study) > MAX_DUPLICATES * space:
             if not running:
                 return
             time.sleep(HEARTBEAT_S)
@@ -192,18 +193,28 @@ def _duplicates(study: Any) -> int:
     return sum("duplicate_of" in t.user_attrs for t in study.get_trials(deepcopy=False))
 
 
-def _counts(study: Any) -> tuple[int, int, int]:
-    """(finished, running, waiting) trials, each a distinct candidate. A trial failed for a reason
-    (a converter's refusal, a board that dropped) is finished; one failed because its worker died
-    is retried, so is not; a duplicate of a tried candidate is not a trial of the budget."""
+def _counts(study: Any) -> tuple[int, int, int, int]:
+    """(finished, running, waiting, screened) trials, each a distinct candidate. A trial failed for
+    a reason (a converter's refusal, a board that dropped) is finished; one failed because its
+    worker died is retried, so is not; a duplicate of a tried candidate is not a trial of the
+    budget. Neither is a screened one: a candidate whose untrained file was over budget cost
+    seconds of measuring and no training, so ``--trials`` counts the candidates that trained."""
     from optuna.trial import TrialState
 
     trials = [t for t in study.get_trials(deepcopy=False) if "duplicate_of" not in t.user_attrs]
+    screened = sum(_screened(t) for t in trials)
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials)
+               or (t.state == TrialState.FAIL and "error" in t.user_attrs) for t in trials) - screened
     running = sum(t.state == TrialState.RUNNING for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
-    return done, running, waiting
+    return done, running, waiting, screened
+
+
+def _screened(t: Any) -> bool:
+    """Measured over budget at its initial weights, so never trained (``TrialRunner.run``)."""
+    from optuna.trial import TrialState
+
+    return t.state == TrialState.COMPLETE and "untrained" in t.user_attrs and "measured" not in t.user_attrs
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
