@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,13 +31,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
+        tmp_path = _new_temp(path)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets what open() would give
         os.replace(tmp_path, path)
     except OSError as e:  # disk full, a file size limit, a read-only folder: one line, nothing half-written
         raise EdgekdError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another "
@@ -47,10 +44,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_temp(path: Path) -> Path:
+    """A new empty file beside ``path``, made exclusively (O_EXCL) with the mode open() would give:
+    the kernel applies the umask (mkstemp's 0600 would hide a shared run dir's files from its
+    group, and reading the umask means setting it, which races with other threads)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def _json_safe(obj: Any) -> Any:

@@ -407,7 +407,7 @@ def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
 
 
 def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
-    """A report written through mkstemp is not left 0600: others on the board or in CI read it."""
+    """A report written atomically is not left 0600: others on the board or in CI read it."""
     from edgekd.checkpoint import write_json
 
     old = os.umask(0o027)
