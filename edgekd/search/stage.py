@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -144,10 +145,11 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
 
     def objective(trial: Any) -> float:
         c = Candidate.from_params(suggest(trial, runner.recipe.search))
-        twin = _tried(study, c.key, trial.number)
+        twin = _tried(study, trial.number).get(c.key)
         if twin is not None:  # a categorical sampler comes back to tried points: they cost and count nothing
             trial.set_user_attr("config", c.key)
             trial.set_user_attr("duplicate_of", twin)
+            _enqueue_untried(study, runner.recipe.search, trial.number)
             # pruned without a curve, TPE ranks it below every trained trial and turns elsewhere
             raise optuna.TrialPruned(f"duplicate of trial {twin}")
         if progress:
@@ -175,18 +177,31 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
         study.optimize(objective, n_trials=1, catch=(EdgekdError,), callbacks=[ended])
 
 
-def _tried(study: Any, key: str, number: int) -> int | None:
-    """The number of another trial of candidate ``key`` that finished, runs or waits to run, else
-    None. A dead worker's trial is failed and re-queued as a waiting retry; a fresh sample of the
-    same candidate is the duplicate, so the retry (which carries ``failed_trial``) runs it."""
+def _tried(study: Any, number: int) -> dict[str, int]:
+    """Each candidate another trial than ``number`` finished, runs or waits to run, with that
+    trial's number. A dead worker's trial is failed and re-queued as a waiting retry; a fresh
+    sample of the same candidate is the duplicate, so the retry (which carries ``failed_trial``) runs it."""
     from optuna.trial import TrialState
 
+    tried: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        if t.number != number and t.user_attrs.get("config") == key and "duplicate_of" not in t.user_attrs and (
+        key = t.user_attrs.get("config")
+        if t.number != number and key and "duplicate_of" not in t.user_attrs and key not in tried and (
                 t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
                 or (t.state == TrialState.FAIL and "error" in t.user_attrs)):
-            return t.number
-    return None
+            tried[key] = t.number
+    return tried
+
+
+def _enqueue_untried(study: Any, space: Any, number: int) -> None:
+    """A repeat pick hands its turn to an untried candidate, drawn at random (seeded): over a space
+    mostly over budget, TPE kept proposing the few candidates it had tried and never the rest
+    (benchmarks/search, p90 budget 0.242 ms: 97 repeat picks, 2 of 6 trials trained)."""
+    tried = _tried(study, number)
+    untried = [c for c in candidates(space) if c.key not in tried]
+    if untried:
+        pick = random.Random(f"{space.sampler_seed}:{number}").choice(untried)
+        study.enqueue_trial(pick.params(), user_attrs={"config": pick.key})
 
 
 def _duplicates(study: Any) -> int:
