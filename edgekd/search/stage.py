@@ -149,7 +149,9 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
         if twin is not None:  # a categorical sampler comes back to tried points: they cost and count nothing
             trial.set_user_attr("config", c.key)
             trial.set_user_attr("duplicate_of", twin)
-            _enqueue_untried(study, runner.recipe.search, trial.number)
+            done, running, waiting, _ = _counts(study)
+            if done + running + waiting < n:  # another worker's trials may already fill the budget
+                _enqueue_untried(study, runner.recipe.search, trial.number)
             # pruned without a curve, TPE ranks it below every trained trial and turns elsewhere
             raise optuna.TrialPruned(f"duplicate of trial {twin}")
         if progress:
