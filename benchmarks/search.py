@@ -88,11 +88,18 @@ def _remeasure(grid: list[dict], target: SearchTarget, before: dict[str, dict]) 
 def _tried(r) -> dict:
     """A search's trials: the candidates it trained (``--trials`` counts these), those it only
     measured (over budget untrained: seconds each, no training) and the sampler's repeat picks."""
+    import optuna
+
     ran = [t for t in r.trials if t["state"] != "duplicate"]
     screened = [t for t in ran if t["state"] == "over budget (untrained)"]
-    return {"trials": len(ran) - len(screened), "measured_only": len(screened),
+    frontier = optuna.load_study(study_name=r.study_name, storage=r.storage).user_attrs.get("frontier")
+    return {"trials": len(ran) - len(screened), "measured_only": len(screened), "frontier": frontier,
             "distinct_configs": len({t["config"] for t in ran}) - len(screened),
             "duplicates": len(r.trials) - len(ran)}
+
+
+def _front(s: dict) -> str:
+    return "-" if s.get("frontier") is None else str(len(s["frontier"]))
 
 
 def _best(grid: list[dict], budget: dict) -> dict | None:
@@ -197,34 +204,36 @@ def _markdown(rep: dict, budgets: list[float]) -> str:
               "grid), 3 seeds, 2 budgets", "",
               "Each search trains distinct candidates only; `--trials` counts the candidates trained. A candidate "
               "whose untrained file was over budget was measured (seconds, no training) and is counted apart, as "
-              "are the sampler's repeat picks, which ran nothing.", "",
-              "| p90 budget ms | seed | candidates trained | measured only (over budget) | repeat picks | winner | val % | grid best | grid best val % | "
+              "are the sampler's repeat picks, which ran nothing. `frontier`: the budget frontier a new study trains "
+              "first (`search.start: frontier`, after every untrained file is measured), of the candidates trained; "
+              "'-': a study that began with the sampler's picks.", "",
+              "| p90 budget ms | seed | candidates trained | frontier | measured only (over budget) | repeat picks | winner | val % | grid best | grid best val % | "
               f"gap pt | within {rep['tolerance_pt']} pt | winner p90 (again) ms | holds budget |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in rep["searches"]:
         best = rep["grid_best"][f"{s['budget_p90_ms']:g}"]
         w = s["winner"]
         if w is None or best is None:
-            lines.append(f"| {s['budget_p90_ms']:g} | {s['seed']} | {s['trials']} | {s.get('measured_only', '')} | "
-                         f"{s.get('duplicates', '')} | none | | | | | no | | |")
+            lines.append(f"| {s['budget_p90_ms']:g} | {s['seed']} | {s['trials']} | {_front(s)} | "
+                         f"{s.get('measured_only', '')} | {s.get('duplicates', '')} | none | | | | | no | | |")
             continue
         gap = best["val_top1"] - w["val_top1"]
-        lines.append(f"| {s['budget_p90_ms']:g} | {s['seed']} | {s['trials']} | {s.get('measured_only', '')} | "
-                     f"{s.get('duplicates', '')} | `{w['config']}` | {w['val_top1']:.2f} | "
+        lines.append(f"| {s['budget_p90_ms']:g} | {s['seed']} | {s['trials']} | {_front(s)} | "
+                     f"{s.get('measured_only', '')} | {s.get('duplicates', '')} | `{w['config']}` | {w['val_top1']:.2f} | "
                      f"`{best['config']}` | {best['val_top1']:.2f} | {gap:.2f} | {'yes' if gap <= rep['tolerance_pt'] else 'no'} | "
                      f"{w['p90_ms_remeasured']:.3f} | {'yes' if w['p90_ms_remeasured'] <= s['budget_p90_ms'] else 'no'} |")
     lines += ["", "## The same searches under a size budget (no measurement noise)", "",
-              "| size budget MB | seed | candidates trained | measured only (over budget) | repeat picks | winner | "
-              "val % | grid best | grid best val % | "
-              f"gap pt | within {rep['tolerance_pt']} pt |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| size budget MB | seed | candidates trained | frontier | measured only (over budget) | repeat picks | "
+              "winner | val % | grid best | grid best val % | "
+              f"gap pt | within {rep['tolerance_pt']} pt |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in rep.get("size_searches", []):
         best, w = rep["grid_best_size"][f"{s['budget_size_mb']:g}"], s["winner"]
         if w is None or best is None:
-            lines.append(f"| {s['budget_size_mb']:g} | {s['seed']} | {s['distinct_configs']} | "
+            lines.append(f"| {s['budget_size_mb']:g} | {s['seed']} | {s['distinct_configs']} | {_front(s)} | "
                          f"{s.get('measured_only', '')} | {s.get('duplicates', '')} | none | | | | | no |")
             continue
         gap = best["val_top1"] - w["val_top1"]
-        lines.append(f"| {s['budget_size_mb']:g} | {s['seed']} | {s['distinct_configs']} | "
+        lines.append(f"| {s['budget_size_mb']:g} | {s['seed']} | {s['distinct_configs']} | {_front(s)} | "
                      f"{s.get('measured_only', '')} | {s.get('duplicates', '')} | `{w['config']}` | "
                      f"{w['val_top1']:.2f} | `{best['config']}` | {best['val_top1']:.2f} | {gap:.2f} | "
                      f"{'yes' if gap <= rep['tolerance_pt'] else 'no'} |")

@@ -1,5 +1,8 @@
 """Is the search's miss the sampler's or the trial budget's? Samplers replayed on the measured grid.
 
+Also how a new study starts: from the sampler's first pick, or from the budget frontier
+(``edgekd.search.frontier``: the candidates that spend the most of the budget, trained first).
+
 ``benchmarks/search.md`` runs 3 sampler seeds per budget; one p90 search of the six missed the
 grid's best by more than 0.5 pt. This replays the same search loop (``edgekd.search.stage``: the
 study, the repeat-pick hand-over, the constraints) over the grid's measured table instead of
@@ -48,7 +51,11 @@ class _GridRunner:
     """The trial runner with the grid's measured figures in place of distil, export and time."""
 
     def __init__(self, recipe, grid: dict, key: str, limit: float):
-        self.recipe, self.budget, self.grid, self.key, self.limit, self.trained = recipe, {}, grid, key, limit, []
+        self.recipe, self.grid, self.key, self.limit, self.trained = recipe, grid, key, limit, []
+        self.budget = {key: limit}
+
+    def measure_untrained(self, c) -> dict:
+        return {"p90_ms": self.grid[c.key]["p90_ms"], "size_mb": self.grid[c.key]["size_mb"]}
 
     def run(self, trial, c) -> float:
         g = self.grid[c.key]
@@ -67,7 +74,7 @@ class _GridRunner:
 def _gap(recipe, grid: dict, sampler, key: str, limit: float, n: int) -> float:
     """The grid's best inside the budget minus the best the search trained (points)."""
     with tempfile.TemporaryDirectory() as d:
-        study = _open_study(recipe, {}, SearchTarget(bench=recipe.bench), f"sqlite:///{d}/study.db", n)
+        study = _open_study(recipe, {key: limit}, SearchTarget(bench=recipe.bench), f"sqlite:///{d}/study.db", n)
         study.sampler = sampler
         runner = _GridRunner(recipe, grid, key, limit)
         _optimize(study, runner, n, None)
@@ -90,20 +97,27 @@ def main() -> None:
              f"loop replayed over the {len(grid)} configurations measured in `search.json`, {n} trials, "
              f"{args.seeds} seeds per sampler and budget. Each cell: searches whose best trained candidate is within "
              f"{tol} pt of the grid's best inside the budget, and the mean gap.", "",
-             "| sampler | trials | " + " | ".join(f"{k} <= {b:g}" for k, b in budgets) + " |",
-             "|---|---|" + "---|" * len(budgets)]
-    # every sampler at the search's trial count, then edgekd's with more trials: which one moves the hit rate
-    rows = [(name, n) for name in SAMPLERS] + [(next(iter(SAMPLERS)), m) for m in (n * 3 // 2, n * 2)]
-    for name, trials in rows:
+             "`start`: how the study begins (`sampler`: the sampler picks every trial; `frontier`, the default "
+             "since this table: every untrained file measured, the budget frontier trained first, then the sampler).",
+             "",
+             "| start | sampler | trials | " + " | ".join(f"{k} <= {b:g}" for k, b in budgets) + " |",
+             "|---|---|---|" + "---|" * len(budgets)]
+    # every sampler from the first trial at the search's trial count, then edgekd's with more trials: which
+    # one moves the hit rate; then the search as it starts a new study (search.start: frontier)
+    tpe = next(iter(SAMPLERS))
+    rows = ([("sampler", name, n) for name in SAMPLERS] + [("sampler", tpe, m) for m in (n * 3 // 2, n * 2)]
+            + [("frontier", tpe, n), ("frontier", "random", n)])
+    for start, name, trials in rows:
         cells = []
         for key, limit in budgets:
             gaps = []
             for seed in range(args.seeds):
                 rec = load_recipe("fashion_mnist_search")
-                rec = rec.model_copy(update={"search": rec.search.model_copy(update={"sampler_seed": seed})})
+                rec = rec.model_copy(update={"search": rec.search.model_copy(update={"sampler_seed": seed,
+                                                                                    "start": start})})
                 gaps.append(_gap(rec, grid, SAMPLERS[name](seed, trials), key, limit, trials))
             cells.append(f"{sum(g <= tol for g in gaps)}/{len(gaps)} (gap {statistics.mean(gaps):.2f})")
-        lines.append(f"| {name} | {trials} | " + " | ".join(cells) + " |")
+        lines.append(f"| {start} | {name} | {trials} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     write_text(HERE / "search_samplers.md", "\n".join(lines) + "\n")
 

@@ -259,6 +259,12 @@ class SearchConfig(_Strict):
     best_k: int = Field(3, ge=0, description="the best trials of the Pareto front inside the budgets, retrained "
                         "at the recipe's budget, exported and benched; the winner is the best of them")
     sampler_seed: int = Field(0, description="seeds Optuna's sampler")
+    start: Literal["frontier", "sampler"] = Field("frontier", description="how a new study starts. frontier: "
+                                                  "every candidate's untrained file is measured first (seconds "
+                                                  "each), and the first trials are those that spend the most of "
+                                                  "the budget (of each student, method and quantization, the ones "
+                                                  "no other inside the budget costs more than); then the sampler. "
+                                                  "sampler: the sampler picks from the first trial")
     prune: bool = Field(True, description="stop a trial whose validation top-1 after an epoch is in the bottom "
                         "quarter of the trials' at that epoch (Optuna's PercentilePruner; never at the last epoch)")
 

@@ -131,22 +131,39 @@ def test_pareto_front_keeps_only_undominated_trained_trials():
 
 class _TableRunner:
     """Stands in for the trial runner (distil, export, time): each candidate's objective from a
-    table, and a count of the candidates run. What is tested is the study's loop around it."""
+    table, its file's figures from another (default: 1 ms, or 9 ms for those ``over`` the 2 ms
+    budget), and a count of the candidates run. What is tested is the study's loop around it."""
 
-    def __init__(self, recipe, table, over=()):
-        self.recipe, self.budget, self.table, self.over, self.runs = recipe, {}, table, set(over), []
+    def __init__(self, recipe, table, over=(), figures=None, budget=None):
+        self.recipe, self.table, self.over, self.runs = recipe, table, set(over), []
+        self.budget = budget or {"p90_ms": 2.0}
+        fast = {"p90_ms": 1.0, "size_mb": 0.5}
+        self.figures = figures or {k: {**fast, "p90_ms": 9.0} if k in self.over else fast for k in table}
+        self.measured_untrained = []
+
+    def measure_untrained(self, c):
+        self.measured_untrained.append(c.key)
+        return self.figures[c.key]
 
     def run(self, trial, c):
+        from edgekd.search.budget import over_budget, violations
+
         trial.set_user_attr("config", c.key)
-        fast = {"p90_ms": 1.0, "size_mb": 0.5}
-        trial.set_user_attr("untrained", fast if c.key not in self.over else {**fast, "p90_ms": 9.0})
-        trial.set_constraint("p90_ms", 8.0 if c.key in self.over else -1.0)
-        if c.key in self.over:  # screened as TrialRunner.run does: measured over budget, never trained
-            trial.set_user_attr("over", "untrained file: p90_ms 9 > 2")
+        figures = self.figures[c.key]
+        trial.set_user_attr("untrained", figures)
+        for key, value in violations(figures, self.budget).items():
+            trial.set_constraint(key, value)
+        if over_budget(figures, self.budget):  # screened as TrialRunner.run does: measured over, never trained
+            trial.set_user_attr("over", "untrained file: over budget")
             return 0.0
-        trial.set_user_attr("measured", fast)
+        trial.set_user_attr("measured", figures)
         self.runs.append(c.key)
         return self.table[c.key]
+
+
+def _sampler_only(rec):
+    """The recipe with ``search.start: sampler``: the sampler picks every trial (what these tests test)."""
+    return rec.model_copy(update={"search": rec.search.model_copy(update={"start": "sampler"})})
 
 
 @pytest.mark.parametrize("n", [4, 9])
@@ -159,8 +176,8 @@ def test_the_sampler_picking_a_tried_candidate_again_runs_and_counts_nothing(tmp
     from edgekd.search.stage import _open_study, _optimize
     from edgekd.search import SearchTarget
 
-    rec = load_recipe(_search_recipe(tmp_path / "r.yaml", students=["mobilenet_v2"], image_sizes=[16, 20, 24],
-                                     width_mults=[0.25, 0.5]))
+    rec = _sampler_only(load_recipe(_search_recipe(tmp_path / "r.yaml", students=["mobilenet_v2"],
+                                                   image_sizes=[16, 20, 24], width_mults=[0.25, 0.5])))
     table = {c.key: 50.0 + 10 * i for i, c in enumerate(candidates(rec.search))}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(rec, {}, SearchTarget(bench=rec.bench), f"sqlite:///{tmp_path / 'study.db'}", n)
@@ -186,7 +203,7 @@ def test_a_sampler_stuck_on_tried_candidates_still_tries_the_rest(tmp_path, seed
     from edgekd.search import SearchTarget
     from edgekd.search.stage import _open_study, _optimize
 
-    rec = load_recipe("fashion_mnist_search")
+    rec = _sampler_only(load_recipe("fashion_mnist_search"))
     rec = rec.model_copy(update={"search": rec.search.model_copy(update={"sampler_seed": seed})})
     space = [c.key for c in candidates(rec.search)]
     table = {k: 50.0 + i for i, k in enumerate(space)}
@@ -199,6 +216,54 @@ def test_a_sampler_stuck_on_tried_candidates_still_tries_the_rest(tmp_path, seed
     assert sorted(runner.runs) == sorted(inside)  # each trained once
     tried = {t.user_attrs["config"] for t in study.trials if "duplicate_of" not in t.user_attrs}
     assert tried == set(space)
+
+
+def _scaled_figures(space):
+    """A file's size grows with width, its latency with width x pixels (as a MobileNetV2's do)."""
+    return {c.key: {"size_mb": 2.0 * c.width_mult, "p90_ms": c.width_mult * c.image_size ** 2 / 100}
+            for c in space}
+
+
+def test_the_budget_frontier_is_the_costliest_inside_each_family():
+    from edgekd.search.frontier import budget_frontier
+
+    rec = load_recipe("fashion_mnist_search")  # mobilenet_v2 at 3 widths x 3 sizes, and MobileNetV3-S at 3 sizes
+    space = candidates(rec.search)
+    figures = _scaled_figures(c for c in space if c.width_mult)
+    mnv2 = [c for c in space if c.width_mult]
+    front = budget_frontier(mnv2, figures, {"p90_ms": 5.0})
+    # inside 5 ms, none of these three is costlier than another on both size and p90 (0.5 MB at 4.84 ms,
+    # 0.7 at 4.54, 1.0 at 3.92); each smaller one of its width is; the most of the budget spent first
+    assert [(c.width_mult, c.image_size) for c in front if c.method == "atkd"] == [(0.25, 44), (0.35, 36), (0.5, 28)]
+    assert {c.method for c in front} == {"atkd", "kd"} and len(front) == 6  # each method is its own family
+    assert budget_frontier(mnv2, figures, {"size_mb": 0.6})[0].key == "mobilenet_v2-w0.25-44px-atkd-ptq"
+    assert budget_frontier(mnv2, figures, {"p90_ms": 0.1}) == []  # nothing fits
+    assert budget_frontier(mnv2, {}, {"p90_ms": 5.0}) == []  # nothing measured
+
+
+def test_a_new_study_trains_the_budget_frontier_first(tmp_path):
+    """Every candidate measured untrained, then the frontier's candidates are the first trials,
+    the most of the budget spent first; the sampler goes on after them; once per study."""
+    import optuna
+
+    from edgekd.search import SearchTarget
+    from edgekd.search.stage import _open_study, _optimize
+
+    rec = load_recipe(_search_recipe(tmp_path / "r.yaml", students=["mobilenet_v2"], image_sizes=[16, 20, 24],
+                                     width_mults=[0.25, 0.5]))
+    space = candidates(rec.search)
+    table = {c.key: 50.0 + i for i, c in enumerate(space)}
+    budget = {"p90_ms": 1.9}  # w0.25 fits at every size (up to 1.44 ms), w0.5 at 16 px only (1.28 ms)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(rec, budget, SearchTarget(bench=rec.bench), f"sqlite:///{tmp_path / 'study.db'}", 3)
+    runner = _TableRunner(rec, table, figures=_scaled_figures(space), budget=budget)
+    _optimize(study, runner, 3, None)
+    assert sorted(runner.measured_untrained) == sorted(c.key for c in space)
+    assert runner.runs[:2] == ["mobilenet_v2-w0.25-24px-kd-ptq", "mobilenet_v2-w0.5-16px-kd-ptq"]
+    assert len(runner.runs) == len(set(runner.runs)) == 3  # then one the sampler picked
+    assert study.user_attrs["frontier"] == runner.runs[:2]
+    _optimize(study, runner, 4, None)  # resumed with one trial more: the frontier is not queued again
+    assert len(runner.runs) == len(set(runner.runs)) == 4 and len(runner.measured_untrained) == len(space)
 
 
 # -- end to end ------------------------------------------------------------------------------

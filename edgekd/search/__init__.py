@@ -1,8 +1,9 @@
 """``edgekd search``: the best int8 student for a board under its budgets, on Optuna.
 
 One file per idea: ``budget`` (the limits, parsed strictly), ``space`` (the candidates and the
-recipe of each), ``measure`` (timing a file on the target, cached by SHA-256), ``trial`` (measure
-first, train second), ``report`` (search.json/md/png), ``stage`` (the study and its loop).
+recipe of each), ``measure`` (timing a file on the target, cached by SHA-256), ``frontier`` (the
+first trials: those that spend the most of the budget), ``trial`` (measure first, train second),
+``report`` (search.json/md/png), ``stage`` (the study and its loop).
 """
 
 from edgekd.search.budget import BUDGET_KEYS, parse_budget

@@ -3,7 +3,9 @@ board under its budgets, every candidate distilled and measured on the board.
 
 The engine is Optuna: one study in an RDB storage (``DIR/study.db`` by default, or any database
 URL, so workers on several machines share it), maximising the int8 file's validation top-1 with
-the budgets as constraints. Each trial calls the stages (``edgekd.search.trial``); nothing is
+the budgets as constraints. A new study first measures every candidate's untrained file (seconds
+each) and queues the budget's frontier, the candidates that spend the most of it (``frontier``);
+the sampler goes on from there (``search.start: sampler`` leaves it all to the sampler). Each trial calls the stages (``edgekd.search.trial``); nothing is
 re-implemented here. Then the best k trials of the Pareto front inside the budgets are retrained
 at the recipe's own budget, and the best of them is the winner (``DIR/best.yaml`` reproduces it).
 
@@ -29,6 +31,7 @@ from edgekd.bench.stage import check_target
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe
 from edgekd.search.budget import format_budget
+from edgekd.search.frontier import budget_frontier
 from edgekd.search.measure import SearchTarget
 from edgekd.search.report import pareto_front, trial_rows, write_search_report
 from edgekd.search.space import Candidate, candidates, check_space, suggest
@@ -93,7 +96,8 @@ def search(recipe: Recipe, out_dir: str | Path, *, budget: dict[str, float], tar
 def study_name(recipe: Recipe, budget: dict[str, float], target: SearchTarget) -> str:
     """The same command names the same study; another space, budget, target or base recipe another."""
     spec = recipe.model_dump()
-    spec["search"] = {k: v for k, v in spec["search"].items() if k not in ("trials", "best_k", "budget")}
+    # how many trials, how the winner is chosen and how a new study starts do not change a trial
+    spec["search"] = {k: v for k, v in spec["search"].items() if k not in ("trials", "best_k", "budget", "start")}
     spec.pop("bench"), spec.pop("gate")
     key = json.dumps({"recipe": spec, "budget": budget, "target": target.id, "edgekd": __version__}, sort_keys=True)
     return f"{recipe.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -164,6 +168,8 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
             row = next(r for r in rows if r["number"] == frozen.number)
             progress.trial_ended(row, _counts(study)[0], n, _best(rows))
 
+    if runner.recipe.search.start == "frontier":
+        _enqueue_frontier(study, runner, n)
     space = len(candidates(runner.recipe.search))
     while True:
         with warnings.catch_warnings():  # Optuna marks it experimental; it is what makes a dead worker's trial run again
@@ -177,6 +183,31 @@ def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress 
             time.sleep(HEARTBEAT_S)
             continue
         study.optimize(objective, n_trials=1, catch=(EdgekdError,), callbacks=[ended])
+
+
+def _enqueue_frontier(study: Any, runner: TrialRunner, n: int) -> None:
+    """A new study's first trials: every candidate's untrained file measured, then up to ``n`` of
+    the budget frontier (``edgekd.search.frontier``) queued. Once per study: a resumed search, or
+    a worker that joins, finds them queued or run; a study begun before keeps its own course."""
+    from optuna.trial import TrialState
+
+    if "frontier" in study.user_attrs or any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+        return
+    space = candidates(runner.recipe.search)
+    figures = {}
+    for c in space:
+        try:
+            figures[c.key] = runner.measure_untrained(c)
+        except EdgekdError as e:  # the sampler may still pick it; its trial records why it fails
+            log.warning("%s: untrained file not measured (%s); left to the sampler", c.key, e)
+    front = budget_frontier(space, figures, runner.budget)[:n]
+    tried = _tried(study, -1)
+    for c in front:
+        if c.key not in tried:
+            study.enqueue_trial(c.params(), user_attrs={"config": c.key}, skip_if_exists=True)
+    study.set_user_attr("frontier", [c.key for c in front])
+    log.info("%d candidates measured untrained; the first trials, the budget's frontier: %s", len(figures),
+             ", ".join(c.key for c in front) or "none inside the budget")
 
 
 def _tried(study: Any, number: int) -> dict[str, int]:
