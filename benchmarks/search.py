@@ -6,7 +6,11 @@ On the main job's data and teacher (``benchmarks/methods_main_teacher.pt``), tar
    exactly as a search trial is;
 2. two p90 budgets from the grid's own p90 spread (its 1/3 and 2/3 quantiles: both bind);
 3. for each budget, ``edgekd search`` with 25 % of the grid's trials and 3 sampler seeds; its
-   winner is the best trial inside the budget (best_k 0: no retraining), measured once more.
+   winner is the best trial inside the budget (best_k 0: no retraining), measured once more. Each
+   search is a new study, so it starts at the budget frontier (``search.start: frontier``); where
+   the frontier fills every trial, the seeds make no difference. The studies of the searches that
+   began with the sampler's own picks (``start: sampler``, before the frontier) are kept under
+   ``search_runs/sampler_start/``; their table is in git history (``dabb007``).
 The target is this host's LiteRT at 1 thread: at 2 threads on these 2 cores the p90 of one file was
 bimodal even on a quiet host (five runs back to back: 0.148, 0.235, 1.025, 0.263, 1.446 ms; at 1
 thread 0.22-0.28 ms), since any other thread that wakes stalls one of the two and the invoke waits
