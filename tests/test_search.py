@@ -416,3 +416,39 @@ def test_two_workers_share_one_study_and_a_killed_one_resumes(tmp_path, tiny_tea
     assert len(retried) == 1 and retried[0].params == dead[0].params
     workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in complete}
     assert str(b.pid) in workers  # both workers ran trials of the one study
+
+
+_POP_WORKER = """
+import os, sys, time
+import optuna
+from edgekd.search.stage import _storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="s", storage=_storage(sys.argv[1]))
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+for _ in range(int(sys.argv[3])):
+    study.optimize(lambda t: time.sleep(0.02) or 1.0, n_trials=1)  # a trial run twice fails its second tell
+"""
+
+
+@pytest.mark.e2e
+def test_workers_popping_queued_trials_together_run_each_once(tmp_path):
+    """SQLite's implicit transactions let two workers both pop one queued trial (the frontier, a
+    retry, a hand-over) and run it twice: measured 2 of 5 rounds before each transaction was begun
+    IMMEDIATE. Three workers, 30 queued trials, started on the same instant."""
+    import time
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(study_name="s", storage=url)
+    for i in range(30):
+        study.enqueue_trial({"x": i})
+    start = time.time() + 8  # past the imports of all three
+    workers = [subprocess.Popen([sys.executable, "-c", _POP_WORKER, url, str(start), "10"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT) for _ in range(3)]
+    outputs = [w.communicate(timeout=120)[0].decode() for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n".join(o[-1500:] for o in outputs)
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 30 and all(t.state.name == "COMPLETE" for t in trials)

@@ -105,6 +105,28 @@ def study_name(recipe: Recipe, budget: dict[str, float], target: SearchTarget) -
 
 def _open_study(recipe: Recipe, budget: dict[str, float], target: SearchTarget, storage_url: str, n: int) -> Any:
     import optuna
+
+    storage = _storage(storage_url)
+    cfg = recipe.search
+    # the budgets are the trials' constraints (Trial.set_constraint, trial.py): TPE models the
+    # feasible trials apart from the infeasible ones; constant_liar keeps workers off one point
+    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=max(2, min(10, n // 3)),
+                                         constant_liar=True)
+    # the proxy's epochs are its steps; a trial is pruned only before its last one (see trial.py),
+    # and only when clearly behind: the bottom quarter, once 4 trials have reported
+    pruner = (optuna.pruners.PercentilePruner(25.0, n_startup_trials=4, n_warmup_steps=0) if cfg.prune
+              else optuna.pruners.NopPruner())
+    study = optuna.create_study(storage=storage, study_name=study_name(recipe, budget, target), sampler=sampler,
+                                pruner=pruner, direction="maximize", load_if_exists=True)
+    study.set_user_attr("budget", format_budget(budget))
+    study.set_user_attr("target", target.id)
+    return study
+
+
+
+def _storage(storage_url: str) -> Any:
+    """The study's RDB storage, with Optuna's heartbeat; on SQLite, each transaction serialised."""
+    import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
@@ -126,21 +148,29 @@ def _open_study(recipe: Recipe, budget: dict[str, float], target: SearchTarget, 
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise EdgekdError(f"--study {storage_url}: cannot open it as an Optuna storage ({first}); give a "
                               "database URL such as sqlite:///search.db or postgresql://user@host/db") from None
-    cfg = recipe.search
-    # the budgets are the trials' constraints (Trial.set_constraint, trial.py): TPE models the
-    # feasible trials apart from the infeasible ones; constant_liar keeps workers off one point
-    sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, n_startup_trials=max(2, min(10, n // 3)),
-                                         constant_liar=True)
-    # the proxy's epochs are its steps; a trial is pruned only before its last one (see trial.py),
-    # and only when clearly behind: the bottom quarter, once 4 trials have reported
-    pruner = (optuna.pruners.PercentilePruner(25.0, n_startup_trials=4, n_warmup_steps=0) if cfg.prune
-              else optuna.pruners.NopPruner())
-    study = optuna.create_study(storage=storage, study_name=study_name(recipe, budget, target), sampler=sampler,
-                                pruner=pruner, direction="maximize", load_if_exists=True)
-    study.set_user_attr("budget", format_budget(budget))
-    study.set_user_attr("target", target.id)
-    return study
+    if storage_url.startswith("sqlite"):
+        _serialise_sqlite(storage.engine)
+    return storage
 
+
+def _serialise_sqlite(engine: Any) -> None:
+    """Python's sqlite3 opens a transaction only at the first write, so the read of Optuna's
+    "pop a queued trial" (SELECT ... FOR UPDATE, which SQLite ignores) runs outside it: two
+    workers both read WAITING and both run the trial (measured: 2 of 5 runs of 3 processes on 20
+    queued trials; the second then fails "Cannot tell a COMPLETE trial"). SQLAlchemy's recipe for
+    pysqlite: no implicit transactions, and each one begun IMMEDIATE, which takes the write lock
+    at its start; a second worker waits (up to the 60 s timeout) and then reads the trial RUNNING."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the hooks are closed; new ones get them
 
 def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress | None) -> None:
     """Run trials until the study holds ``n`` finished ones, all workers together; then wait for
