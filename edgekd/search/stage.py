@@ -5,9 +5,10 @@ The engine is Optuna: one study in an RDB storage (``DIR/study.db`` by default, 
 URL, so workers on several machines share it), maximising the int8 file's validation top-1 with
 the budgets as constraints. A new study first measures every candidate's untrained file (seconds
 each) and queues the budget's frontier, the candidates that spend the most of it (``frontier``);
-the sampler goes on from there (``search.start: sampler`` leaves it all to the sampler). Each trial calls the stages (``edgekd.search.trial``); nothing is
-re-implemented here. Then the best k trials of the Pareto front inside the budgets are retrained
-at the recipe's own budget, and the best of them is the winner (``DIR/best.yaml`` reproduces it).
+the sampler goes on from there (``search.start: sampler`` leaves it all to the sampler). Each
+trial calls the stages (``edgekd.search.trial``); nothing is re-implemented here. Then the best
+k trials of the Pareto front inside the budgets are retrained at the recipe's own budget, and the
+best of them is the winner (``DIR/best.yaml`` reproduces it).
 
 A killed search continues when the same command runs again: finished trials are in the study;
 a trial whose worker died stops beating (Optuna's heartbeat), is failed after ``GRACE_S`` and run
@@ -123,7 +124,6 @@ def _open_study(recipe: Recipe, budget: dict[str, float], target: SearchTarget, 
     return study
 
 
-
 def _storage(storage_url: str) -> Any:
     """The study's RDB storage, with Optuna's heartbeat; on SQLite, each transaction serialised."""
     import optuna
@@ -171,6 +171,7 @@ def _serialise_sqlite(engine: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()  # connections opened before the hooks are closed; new ones get them
+
 
 def _optimize(study: Any, runner: TrialRunner, n: int, progress: SearchProgress | None) -> None:
     """Run trials until the study holds ``n`` finished ones, all workers together; then wait for
