@@ -112,6 +112,7 @@ def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter, caplog):
 
     from edgekd.data import gather, load_dataset
     from edgekd.export import convert_onnx2tf, export_onnx, export_tflite_fp32, export_tflite_int8
+    from edgekd.export.score import tflite_io_details
     from edgekd.models import build_model
     from edgekd.recipe import DataConfig
     from edgekd.train import prepare_batch
@@ -127,6 +128,8 @@ def test_int8_mobilenet_v2_is_at_most_035x_fp32(tmp_path, converter, caplog):
         fp32, int8 = tmp_path / "fp32.tflite", tmp_path / "int8.tflite"
         export_tflite_fp32(model, calib[:1], fp32)
         export_tflite_int8(model, calib[:1], calib, int8)
+        # full-integer: the residual adds are int8 too (a non-strict trace left its 9 ADDs float32)
+        assert tflite_io_details(int8)["float_ops"] == {}
     ratio = int8.stat().st_size / fp32.stat().st_size
     assert ratio <= 0.35, ratio
     # the graphs come from the model in eval mode: no "converted in training mode" warning for either
