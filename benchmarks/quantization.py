@@ -35,7 +35,7 @@ from latency import litert_invoke, time_round_robin  # noqa: E402
 from students import FAMILIES  # noqa: E402
 
 from edgekd import artifacts  # noqa: E402
-from edgekd.checkpoint import write_text  # noqa: E402
+from edgekd.checkpoint import load_checkpoint, save_checkpoint, write_text  # noqa: E402
 from edgekd.cli import _parse_sets  # noqa: E402  (the commands' own --set parser)
 from edgekd.distill.stage import distill  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
@@ -46,6 +46,7 @@ from edgekd.recipe import Recipe, load_recipe  # noqa: E402
 ORDER = ["timm/mobilenetv3_small_100", "timm/mobilenetv3_large_100", "torchvision/mobilenet_v3_small",
          *[f for f in FAMILIES if "mobilenetv3" not in f and "mobilenet_v3" not in f]]
 CALIBS = (500, 2000)
+DEFAULT_QAT_EPOCHS = 1.0
 # the converters' observers: onnx2tf calibrates in TFLite's converter (min-max ranges); litert-torch's
 # PT2E quantizer observes activations with histograms (its ranges minimise the quantisation error)
 HIST = "ptq-hist"
@@ -116,15 +117,47 @@ def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, q
                 raise SystemExit(f"{run_dir} already has a QAT student but no {key} cell: remove the run dir")
             cells.keep(key, {"family": arch, "seed": seed, "quantization": "ptq", "calib": calib,
                              **_int8_cell(run_dir, run_dir / f"ptq_calib{calib}.tflite", calib)})
-    key = f"{prefix}|qat"
+    key = f"{prefix}|{qat_cell_name(qat_epochs)}"
     if key not in cells.cells:
-        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", **_qat_cell(recipe, run_dir,
-                                                                                           qat_epochs)})
+        qat_dir, float_source = _qat_run_dir(run_dir, qat_epochs)
+        cells.keep(key, {"family": arch, "seed": seed, "quantization": "qat", "float_student": float_source,
+                         **_qat_cell(recipe, qat_dir, qat_epochs)})
     key = f"{prefix}|{HIST}"
     if key not in cells.cells and (run_dir / artifacts.best_checkpoint("student")).is_file():
         cells.keep(key, {"family": arch, "seed": seed, "quantization": "ptq", "calib": CALIBS[0],
                          **_int8_cell(_float_only(run_dir), run_dir / "ptq_hist.tflite", CALIBS[0],
                                       converter="litert-torch")})
+
+
+def qat_cell_name(qat_epochs: float) -> str:
+    """The cell of ``qat_epochs`` of QAT: "qat" for the default 1 epoch (the cells measured first)."""
+    return "qat" if qat_epochs == DEFAULT_QAT_EPOCHS else f"qat-{qat_epochs:g}ep"
+
+
+def _qat_run_dir(run_dir: Path, qat_epochs: float) -> tuple[Path, str]:
+    """Where ``qat_epochs`` of QAT fine-tune the float student, and which float student that is: the
+    run dir itself for the default epochs; for others a copy of its float student ("same"), or, where
+    that run dir is gone, a new run dir whose float student is trained again ("retrained")."""
+    if qat_epochs == DEFAULT_QAT_EPOCHS:
+        return run_dir, "same"
+    copy = run_dir.with_name(f"{run_dir.name}_qat{qat_epochs:g}")
+    float_dir = run_dir.with_name(run_dir.name + "_float")
+    if not float_dir.is_dir() and (run_dir / artifacts.best_checkpoint("student")).is_file():
+        float_dir = _float_only(run_dir)
+    if copy.is_dir() or not float_dir.is_dir():
+        return copy, "same" if float_dir.is_dir() else "retrained"
+    tmp = copy.with_name(copy.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(float_dir, tmp, ignore=shutil.ignore_patterns(artifacts.EXPORT_DIR, "*.tflite"))
+    for name in (artifacts.last_checkpoint("student"), artifacts.best_checkpoint("student")):
+        # The float run was made with the 1-epoch QAT recipe (its float epochs do not depend on
+        # distill.qat: resume ignores it once QAT is added): recorded as a float-only run, so that
+        # other QAT epochs may be added to it as to any finished float run.
+        state = load_checkpoint(tmp / name)
+        state["recipe"]["distill"]["qat"]["epochs"] = 0.0
+        save_checkpoint(tmp / name, state)
+    tmp.rename(copy)
+    return copy, "same"
 
 
 def _qat_cell(recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any]:
@@ -135,7 +168,7 @@ def _qat_cell(recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any
     try:
         qat = distill(qat_recipe, run_dir, resume=True).metrics["student"]["qat"]
     except EdgekdError as e:
-        return {"int8_top1": None, "refused": str(e)}
+        return {"qat_epochs": qat_epochs, "int8_top1": None, "refused": str(e)}
     cell = _int8_cell(run_dir, run_dir / "qat.tflite", CALIBS[0])  # calib: unused by a QAT graph
     if cell["int8_top1"] is None and "fake-quant" in cell.get("refused", ""):
         cell |= _refused_qat_file(run_dir)
@@ -206,9 +239,11 @@ def table(cells: Cells) -> list[dict[str, Any]]:
                "wall_s": c.get("qat_wall_s", c.get("export_wall_s")),
                **{k: c[k] for k in ("refused", "calib", "qat_epochs", "converter", "refused_file_top1",
                                     "refused_file_agreement_ties") if k in c}}
+        row["cell"] = what
         if c["quantization"] == "ptq":
-            row |= {"cell": what, "observer": _observer(c)}
-        if what == "qat" and "export_wall_s" not in c:  # export refused the file: no fp32 score of its own
+            row["observer"] = _observer(c)
+        if c["quantization"] == "qat" and "export_wall_s" not in c and c.get("float_student", "same") == "same":
+            # export refused the file: no fp32 score of its own, but the float student is the ptq cells'
             row["fp32_top1"] = _same_float_fp32(cells, f"{arch}|{seed}")
         rows.append(row)
         if what == f"ptq-{CALIBS[-1]}":
@@ -244,12 +279,13 @@ def render(cells: Cells, command: str) -> str:
              "| student | quantization | seeds | fp32 top-1 % | int8 top-1 % | drop, pt | p50 ms | QAT wall, "
              "% of the student's | converter / refused |", "|---|---|---|---|---|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in rows))
+    kinds = ("ptq", HIST, "ptq-best", *(f"{q}@{e:g}" for e in _qat_epochs(rows) for q in ("qat", "qat-refused")))
     for fam in families:
-        for q in ("ptq", HIST, "ptq-best", "qat", "qat-refused"):
+        for q in kinds:
             mine = [r for r in rows if r["family"] == fam and _is(r, q)]
-            if q == "qat-refused":  # the files export's parity rule refused, converted again and scored
+            if q.startswith("qat-refused"):  # the files export's parity rule refused, converted again and scored
                 mine = [{**r, "int8_top1": r["refused_file_top1"], "converter": "litert-torch"} for r in mine
-                        if r.get("refused_file_top1") is not None]
+                        if r.get("refused_file_top1") is not None and r["fp32_top1"] is not None]
             if not mine:
                 continue
             ok = [r for r in mine if r["int8_top1"] is not None]
@@ -258,18 +294,19 @@ def render(cells: Cells, command: str) -> str:
             p50 = [r["p50_ms"] for r in ok if r.get("p50_ms")]
             share = ""
             if q.startswith("qat"):
-                qat_cells = [cells.cells[f"{fam}|seed={r['seed']}|qat"] for r in ok]
+                qat_cells = [cells.cells[f"{fam}|seed={r['seed']}|{r['cell']}"] for r in ok]
                 shares = [c["qat_wall_s"] / c["student_epochs_wall_s"] * 100 for c in qat_cells]
                 share = f"{statistics.fmean(shares):.0f} %" if shares else ""
-            label = q + (f" ({'/'.join(_calib_label(r) for r in mine)})" if q == "ptq-best" else
+            label = q.split("@")[0] + (f" ({'/'.join(_calib_label(r) for r in mine)})" if q == "ptq-best" else
                          f" ({CALIBS[0]})" if q == "ptq" else f" ({CALIBS[0]}, litert-torch)" if q == HIST
                          else f" ({mine[0].get('qat_epochs', '')} ep)")
-            if q == "qat-refused":
+            if q.startswith("qat-refused"):
                 label = "qat, the file parity refused, scored anyway (agreement with its fake-quant: " + ", ".join(
                     f"{r['refused_file_agreement_ties']:.2f} %" for r in mine) + ")"
             conv = ", ".join(sorted({r["converter"] + (f" ({r['observer']})" if r.get("observer") else "")
                                      for r in ok}))
-            note = conv + (f"; {len(refused)} refused: {refused[0][:160]}" if refused else "")
+            note = conv + _float_ops_note([cells.cells[f"{fam}|seed={r['seed']}|{r['cell']}"].get("int8_file")
+                                           for r in ok]) + (f"; {len(refused)} refused: {refused[0][:160]}" if refused else "")
             lines.append(f"| {fam} | {label} | {len(ok)} | {mean_std([r['fp32_top1'] for r in ok])} | "
                          f"{mean_std([r['int8_top1'] for r in ok])} | "
                          f"{mean_std([r['fp32_top1'] - r['int8_top1'] for r in ok])} | "
@@ -279,6 +316,19 @@ def render(cells: Cells, command: str) -> str:
               "| source | model | fp32 → int8 |", "|---|---|---|"]
     lines += [f"| {s} | {m} | {v} |" for s, m, v in ANCHORS]
     return "\n".join(lines) + "\n"
+
+
+def _float_ops_note(files: list[str | None]) -> str:
+    """The ops left float32 (between QUANTIZE/DEQUANTIZE) in the row's int8 files still on disk:
+    such a file scores as int8 but is not full-integer (export.json's io.float_ops)."""
+    from edgekd.export.score import tflite_io_details
+
+    found = [tflite_io_details(Path(f))["float_ops"] for f in files if f and Path(f).is_file()]
+    hybrid = [ops for ops in found if ops]
+    if not hybrid:
+        return ""
+    ops = ", ".join(f"{name} {n}" for name, n in max(hybrid, key=lambda o: sum(o.values())).items())
+    return f"; not full-integer in {len(hybrid)} of {len(found)} files on disk, float32 ops: {ops}"
 
 
 def _same_float_fp32(cells: Cells, prefix: str) -> float | None:
@@ -295,11 +345,20 @@ def _observer(cell: dict[str, Any]) -> str | None:
     return {"onnx2tf": "min-max", "litert-torch": "histogram"}.get(cell.get("converter", ""))
 
 
+def _qat_epochs(rows: list[dict[str, Any]]) -> list[float]:
+    """The QAT epochs of the table's qat rows, the default first."""
+    return sorted({r.get("qat_epochs", DEFAULT_QAT_EPOCHS) for r in rows if r["quantization"] == "qat"},
+                  key=lambda e: (e != DEFAULT_QAT_EPOCHS, e))
+
+
 def _is(row: dict[str, Any], q: str) -> bool:
-    """Whether a table row belongs to the rendered row kind ``q`` (ptq: the default calibration, auto converter)."""
+    """Whether a table row belongs to the rendered row kind ``q`` (ptq: the default calibration, auto converter;
+    qat@E and qat-refused@E: E epochs of QAT)."""
     if q in ("ptq", HIST):
         return row["quantization"] == "ptq" and row.get("cell") == (f"ptq-{CALIBS[0]}" if q == "ptq" else HIST)
-    return row["quantization"] == ("qat" if q == "qat-refused" else q)
+    if "@" in q:
+        return row["quantization"] == "qat" and f"{row.get('qat_epochs', DEFAULT_QAT_EPOCHS):g}" == q.split("@")[1]
+    return row["quantization"] == q
 
 
 def _calib_label(row: dict[str, Any]) -> str:
@@ -325,12 +384,14 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families = list(dict.fromkeys(r["family"] for r in rows))
-    kinds = ("ptq", HIST, "ptq-best", "qat")
+    kinds = ("ptq", HIST, "ptq-best", *(f"qat@{e:g}" for e in _qat_epochs(rows)))
+    width = 0.8 / len(kinds)
     for i, q in enumerate(kinds):
         drops = [[r["fp32_top1"] - r["int8_top1"] for r in rows if r["family"] == f and _is(r, q)
                   and r["int8_top1"] is not None] for f in families]
-        ax.bar([j + (i - 1.5) * 0.2 for j in range(len(families))], [statistics.fmean(d) if d else 0 for d in drops],
-               0.2, label=q)
+        ax.bar([j + (i - (len(kinds) - 1) / 2) * width for j in range(len(families))],
+               [statistics.fmean(d) if d else 0 for d in drops], width,
+               label=q.replace("@", ", ") + (" ep" if "@" in q else ""))
     ax.axhline(0.3, color="k", ls="--", lw=0.8, label="0.3 pt target")
     ax.set_xticks(range(len(families)), [f.split("/")[-1] for f in families], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("fp32 → int8 drop, pt (test, mean over seeds)")
@@ -351,7 +412,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher", default="benchmarks/methods_main_teacher.pt")
     ap.add_argument("--families", default=",".join(ORDER))
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--qat-epochs", type=float, default=1.0)
+    ap.add_argument("--seed-order", default=None, metavar="S,S,...",
+                    help="the seeds in the order to run them (default 0 .. --seeds - 1)")
+    ap.add_argument("--qat-epochs", type=float, default=DEFAULT_QAT_EPOCHS,
+                    help="QAT epochs of the qat cells; other than 1, a cell of their own beside the 1-epoch one")
     ap.add_argument("--runs", type=int, default=300, help="timed invokes per file")
     ap.add_argument("--no-timing", action="store_true", help="distil and export only")
     ap.add_argument("--report-only", action="store_true", help="write the tables of the cells so far")
@@ -369,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                                      **_parse_sets(args.set)})
     cells = Cells(Path(f"{out}.json"))
     families = args.families.split(",")
-    for seed in range(0 if args.report_only else args.seeds):
+    seeds = [int(s) for s in args.seed_order.split(",")] if args.seed_order else list(range(args.seeds))
+    for seed in [] if args.report_only else seeds:
         for arch in families:
             with cells.claim(runs / f"{arch.replace('/', '_')}_seed{seed}") as mine:
                 if mine:  # else another process is running this family and seed

@@ -227,10 +227,10 @@ def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teache
     best = next(row for (q, _), row in rows.items() if q == "ptq-best")
     val = {n: data["cells"][f"mobilenet_v2|seed=0|{n}"]["int8_val_top1"] for n in ptq}
     assert val[best["cell"]] == max(val.values())  # chosen on validation images, never test
-    qat = rows[("qat", None)]
+    qat = rows[("qat", "qat-0.5ep")]  # other than 1 epoch: a cell and a run dir of their own
     for row in rows.values():
         assert {"family", "seed", "quantization", "fp32_top1", "int8_top1", "p50_ms", "wall_s"} <= set(row)
-    cell = data["cells"]["mobilenet_v2|seed=0|qat"]
+    cell = data["cells"]["mobilenet_v2|seed=0|qat-0.5ep"]
     assert qat["int8_top1"] is not None or cell["refused_file_top1"] is not None  # a refused file is scored too
     assert cell["qat_wall_s"] > 0 and cell["student_epochs_wall_s"] > 0 and qat["p50_ms"] > 0
     assert "| mobilenet_v2 | qat (0.5 ep) |" in (tmp_path / "quant.md").read_text()
@@ -242,7 +242,7 @@ def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teache
     assert json.loads((tmp_path / "quant.json").read_text())["cells"] == json.loads(before)["cells"]  # nothing redone
 
     # op by op, the QAT file against the graph it was trained as
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "qat_drift.py"), str(tmp_path / "quant_runs" / "mobilenet_v2_seed0_atkd"),
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "qat_drift.py"), str(tmp_path / "quant_runs" / "mobilenet_v2_seed0_atkd_qat0.5"),
                         "--images", "5"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     ops = [line.split() for line in r.stdout.splitlines() if line[:4].strip().isdigit()]
