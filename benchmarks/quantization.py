@@ -47,6 +47,7 @@ ORDER = ["timm/mobilenetv3_small_100", "timm/mobilenetv3_large_100", "torchvisio
          *[f for f in FAMILIES if "mobilenetv3" not in f and "mobilenet_v3" not in f]]
 CALIBS = (500, 2000)
 DEFAULT_QAT_EPOCHS = 1.0
+LOADED = "walls_under_load"  # {why, cells}: cells whose QAT wall was measured while other jobs ran
 # the converters' observers: onnx2tf calibrates in TFLite's converter (min-max ranges); litert-torch's
 # PT2E quantizer observes activations with histograms (its ranges minimise the quantisation error)
 HIST = "ptq-hist"
@@ -263,7 +264,8 @@ def table(cells: Cells) -> list[dict[str, Any]]:
 def render(cells: Cells, command: str) -> str:
     rows, t = table(cells), cells.data.get("timing")
     lines = ["# Post-training int8 against quantization-aware distillation", "",
-             f"Made by `{command}` (cells in `{cells.path.name}`; its `table` is the issue's JSON rows).", "",
+             f"Made by {_made_by(cells, command)} (cells in `{cells.path.name}`; its `table` is the issue's JSON "
+             "rows).", "",
              "Teacher: the main job's (methods_main_teacher.pt); float student trained with the quick recipe's "
              "budget (AT-KD, KD without feature maps), then int8: PTQ with 500 / 2,000 calibration images "
              "by the default converter, and with 500 by litert-torch (ptq-hist: onnx2tf calibrates in TFLite's "
@@ -275,11 +277,25 @@ def render(cells: Cells, command: str) -> str:
              "student scores otherwise they differ from the ptq rows, and ptq-best compares files of one float "
              "student only). p50: median bare LiteRT `invoke()`, 1 thread, all files interleaved"
              + (f" (load average {t['load_1m_before']:.2f} before, {t['load_1m_after']:.2f} after)." if t else
-                " (not timed yet)."), "",
+                " (not timed yet).") + " An empty p50: that row's files were no longer on disk when it was timed "
+             "(the onnx2tf ptq files of seeds 1 and 2 went with run dirs made again; seed 0's run dirs are gone).",
+             "",
+             "The ptq-hist files were written before bf93586, with a non-strict trace that left a residual CNN's "
+             "adds float32 (the rows name the float32 ops of the files still on disk); since, litert-torch's int8 file of a "
+             "CNN has its adds in int8, as the QAT files already had.",
+             "",
+             "QAT rows of other than 1 epoch (the quick recipe's 0.5) fine-tune a copy of the same run's float "
+             "student where its run dir was kept (seeds 1, 2), and a float student trained again in a run dir of "
+             "their own where it was not (seed 0): that row's fp32 is then its own. QAT wall: the QAT epochs' "
+             "wall time over the float student's epochs', from the run's log.csv"
+             + (f"; left out where it was measured beside other jobs ({len(cells.data[LOADED]['cells'])} cells: "
+                f"{cells.data[LOADED]['why']})." if cells.data.get(LOADED) else "."),
+             "",
              "| student | quantization | seeds | fp32 top-1 % | int8 top-1 % | drop, pt | p50 ms | QAT wall, "
              "% of the student's | converter / refused |", "|---|---|---|---|---|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in rows))
     kinds = ("ptq", HIST, "ptq-best", *(f"{q}@{e:g}" for e in _qat_epochs(rows) for q in ("qat", "qat-refused")))
+    loaded = set(cells.data.get(LOADED, {}).get("cells", []))
     for fam in families:
         for q in kinds:
             mine = [r for r in rows if r["family"] == fam and _is(r, q)]
@@ -294,9 +310,11 @@ def render(cells: Cells, command: str) -> str:
             p50 = [r["p50_ms"] for r in ok if r.get("p50_ms")]
             share = ""
             if q.startswith("qat"):
-                qat_cells = [cells.cells[f"{fam}|seed={r['seed']}|{r['cell']}"] for r in ok]
-                shares = [c["qat_wall_s"] / c["student_epochs_wall_s"] * 100 for c in qat_cells]
-                share = f"{statistics.fmean(shares):.0f} %" if shares else ""
+                keys = [f"{fam}|seed={r['seed']}|{r['cell']}" for r in ok]
+                quiet = [k for k in keys if k not in loaded]  # a wall measured beside other jobs is no figure
+                shares = [cells.cells[k]["qat_wall_s"] / cells.cells[k]["student_epochs_wall_s"] * 100 for k in quiet]
+                share = ("" if not keys else "not timed quietly" if not shares else f"{statistics.fmean(shares):.0f} %"
+                         + (f" ({len(quiet)} of {len(keys)} seeds)" if len(quiet) < len(keys) else ""))
             label = q.split("@")[0] + (f" ({'/'.join(_calib_label(r) for r in mine)})" if q == "ptq-best" else
                          f" ({CALIBS[0]})" if q == "ptq" else f" ({CALIBS[0]}, litert-torch)" if q == HIST
                          else f" ({mine[0].get('qat_epochs', '')} ep)")
@@ -400,8 +418,17 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_png(fig, path)
 
 
+def _made_by(cells: Cells, command: str) -> str:
+    """The commands that filled the table, in order (a --report-only one added nothing)."""
+    made = [c for c in cells.data.get("commands", []) if c != command] + (
+        [] if "--report-only" in command and cells.data.get("commands") else [command])
+    return ", then ".join(f"`{c}`" for c in made)
+
+
 def _write(cells: Cells, out: Path, command: str) -> None:
-    cells.save(table=table(cells))
+    if "--report-only" not in command and command not in cells.data.get("commands", []):
+        cells.data["commands"] = [*cells.data.get("commands", []), command]
+    cells.save(table=table(cells), commands=cells.data.get("commands", []))
     write_text(Path(f"{out}.md"), render(cells, command))
     _plot(cells.data["table"], Path(f"{out}.png"))
 
