@@ -310,7 +310,8 @@ def render(cells: Cells, command: str) -> str:
             p50 = [r["p50_ms"] for r in ok if r.get("p50_ms")]
             share = ""
             if q.startswith("qat"):
-                keys = [f"{fam}|seed={r['seed']}|{r['cell']}" for r in ok]
+                keys = [k for k in (f"{fam}|seed={r['seed']}|{r['cell']}" for r in mine)  # a file refused: its QAT ran
+                        if cells.cells[k].get("qat_wall_s")]
                 quiet = [k for k in keys if k not in loaded]  # a wall measured beside other jobs is no figure
                 shares = [cells.cells[k]["qat_wall_s"] / cells.cells[k]["student_epochs_wall_s"] * 100 for k in quiet]
                 share = ("" if not keys else "not timed quietly" if not shares else f"{statistics.fmean(shares):.0f} %"
