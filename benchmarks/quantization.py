@@ -12,6 +12,7 @@ int8 files are timed in LiteRT at 1 thread in one interleaved run. Cells are kep
 run it again to continue (a killed cell resumes). Writes ``<out>.md`` and ``<out>.png``.
 
     nice -n 10 python benchmarks/quantization.py                      # benchmarks/quantization.md
+    nice -n 10 python benchmarks/quantization.py --qat-epochs 0.5     # + QAT cells of 0.5 epoch beside
     python benchmarks/quantization.py --families timm/mobilenetv3_small_100 --seeds 1
     python benchmarks/quantization.py --report-only                   # tables of the cells so far
 """
