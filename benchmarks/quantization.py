@@ -20,6 +20,7 @@ run it again to continue (a killed cell resumes). Writes ``<out>.md`` and ``<out
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import shutil
@@ -338,12 +339,18 @@ def render(cells: Cells, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
+def _float_ops(path: str, mtime_ns: int) -> dict[str, int]:
+    """A file's float32 ops, read once per version of the file (the table is rendered after every cell)."""
+    from edgekd.export.score import tflite_io_details
+
+    return tflite_io_details(Path(path))["float_ops"]
+
+
 def _float_ops_note(files: list[str | None]) -> str:
     """The ops left float32 (between QUANTIZE/DEQUANTIZE) in the row's int8 files still on disk:
     such a file scores as int8 but is not full-integer (export.json's io.float_ops)."""
-    from edgekd.export.score import tflite_io_details
-
-    found = [tflite_io_details(Path(f))["float_ops"] for f in files if f and Path(f).is_file()]
+    found = [_float_ops(f, Path(f).stat().st_mtime_ns) for f in files if f and Path(f).is_file()]
     hybrid = [ops for ops in found if ops]
     if not hybrid:
         return ""
