@@ -335,3 +335,19 @@ def test_tome_table_sets_a_student_trained_with_merging_against_its_own_r0():
     # the trained one's change is also given against the off-the-shelf r = 0 (62.5 - 59.0)
     assert "| off the shelf | 8 | exact | 1.25× | 1.25× | 1.25× | -0.50 | -0.50 |" in md
     assert "| trained at r=8 | 8 | exact | 2.00× | 2.00× | 2.00× | +0.50 | +3.50 |" in md
+
+
+@pytest.mark.e2e
+def test_int8_kernels_compares_litert_xnnpack_with_its_builtin_kernels(chain):
+    export_dir = chain[1] / "export"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "int8_kernels.py"), str(export_dir)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    control, xnnpack = [json.loads(line) for line in r.stdout.splitlines()]
+    assert control["kernels"] == "litert builtin (again)" and xnnpack["kernels"] == "litert xnnpack (export's)"
+    assert control["images"] == xnnpack["images"] == 200
+    assert control["top1_differ"] == control["max_steps"] == 0  # the same kernels twice: identical
+    assert 0 <= xnnpack["top1_differ"] <= 200
+    # the XNNPACK row runs the kernels export scores with: the same top-1 on the same images
+    export = json.loads((export_dir / "export.json").read_text())
+    assert xnnpack["top1"] == pytest.approx(export["artifacts"]["student_int8.tflite"]["test_top1"], abs=1e-6)
