@@ -7,8 +7,9 @@ export scores int8 files on the host with ai-edge-litert, whose default XNNPACK 
 int8 with its own rounding; a board may run LiteRT's builtin kernels or tflite-runtime 2.14.
 For each kernel set this runs every image of ``samples.npz`` through the file (1 thread) and
 compares the int8 outputs with LiteRT's builtin kernels: top-1 on the samples, how many top-1
-predictions differ, and by how many int8 steps the outputs differ (max, mean). The builtin kernels run twice: the first
-line is that control (0 differences, or the comparison means nothing). With
+predictions differ, and by how many int8 steps the outputs differ (max, mean). The builtin
+kernels run twice: the first line is that control (0 differences, or the comparison means
+nothing). With
 ``--tflite-runtime-python``, a Python that has tflite-runtime (and NumPy 1.x) runs the same
 images through it. One JSON object per line.
 """
