@@ -26,9 +26,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "edgekd"))  # the board's runner is one stdlib + NumPy file: importable alone
+# the board's runner and the artifact names are stdlib + NumPy files: a tflite-runtime Python
+# without edgekd installed imports them from the checkout
+sys.path[:0] = [str(REPO / "edgekd"), str(REPO)]
 
-from runner import quantize  # noqa: E402  (the runner's own input quantisation)
+from edgekd import artifacts  # noqa: E402
+from runner import normalised_samples, quantize  # noqa: E402  (the runner's own samples and quantisation)
 
 
 def outputs(interpreter, images: np.ndarray) -> np.ndarray:
@@ -43,15 +46,6 @@ def outputs(interpreter, images: np.ndarray) -> np.ndarray:
         interpreter.invoke()
         rows.append(interpreter.get_tensor(out["index"]).astype(np.int32)[0])
     return np.stack(rows)
-
-
-def samples(export_dir: Path, model: str) -> tuple[np.ndarray, np.ndarray]:
-    """The export's samples, normalised as its sidecar says, and their labels."""
-    meta = json.loads((export_dir / f"{model}.model.json").read_text())
-    with np.load(export_dir / "samples.npz") as data:
-        images, labels = data["images"].astype(np.float32) / 255.0, data["labels"]
-    mean, std = (np.asarray(meta[k], np.float32).reshape(1, -1, 1, 1) for k in ("mean", "std"))
-    return ((images - mean) / std).astype(np.float32), labels
 
 
 def compare(name: str, got: np.ndarray, ref: np.ndarray, labels: np.ndarray) -> dict:
@@ -69,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dump", type=Path, help=argparse.SUPPRESS)  # the tflite-runtime side: outputs to .npy
     args = ap.parse_args(argv)
     path = str(args.export_dir / args.file)
-    images, labels = samples(args.export_dir, args.file.split("_")[0])
+    images, labels = normalised_samples(str(args.export_dir / artifacts.SAMPLES),
+                                        str(args.export_dir / artifacts.sidecar(artifacts.role_of(args.file))))
     if args.dump:
         from tflite_runtime.interpreter import Interpreter as TFLiteRuntime
 

@@ -201,6 +201,20 @@ def dequantize(y, quantization):
     return (y.astype(np.float32) - zero) * scale
 
 
+def normalised_samples(samples_path: str, meta_path: str):
+    """The export's uint8 sample images (N x C x H x W) normalised as the model's sidecar says
+    (``mean``/``std``, the run's own), as float32, and their labels."""
+    import numpy as np
+
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with np.load(samples_path) as data:
+        images, labels = data["images"], data["labels"]
+    mean = np.asarray(meta["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(meta["std"], np.float32).reshape(1, -1, 1, 1)
+    return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32), labels
+
+
 def time_invokes(invoke, warmup: int, runs: int) -> list:
     """Milliseconds of ``runs`` calls of ``invoke`` after ``warmup`` untimed ones: the one timing
     loop of edgekd (the board, the export's ToMe choice and benchmarks/ all use it)."""
@@ -254,14 +268,8 @@ def _measure(args: argparse.Namespace) -> dict:
         raise RunnerError("NumPy is missing: pip install numpy") from None
     if not os.path.isfile(args.model):
         raise RunnerError(f"model file not found: {args.model}")
-    with open(args.meta) as f:
-        meta = json.load(f)
-    with np.load(args.samples) as data:
-        images, labels = data["images"], data["labels"]
-    channels = int(images.shape[1])
-    mean = np.asarray(meta["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(meta["std"], np.float32).reshape(1, -1, 1, 1)
-    samples = ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    samples, labels = normalised_samples(args.samples, args.meta)
+    channels = int(samples.shape[1])
 
     rss_start = _rss_kb()
     t0 = time.perf_counter_ns()
