@@ -179,6 +179,8 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="L2 weight decay")
     schedule: Literal["cosine", "onecycle", "constant"] = Field("cosine", description="learning-rate schedule")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradients' global L2 norm to this "
+                                         "before each step (timm's --clip-grad); None = off")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the cross-entropy")
     patience: int | None = Field(None, ge=1, description="early stopping: stop when validation top-1 has not "
                                  "improved for this many epochs (the epochs are then a maximum); None = off")

@@ -61,6 +61,7 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
                     *, mean: torch.Tensor, std: torch.Tensor, aug: AugmentConfig, batch_size: int,
                     device: torch.device, seed: int, hard: HardTraining | None = None, world: World = World(),
                     first_step: int = 0, warmup_steps: int = 0, max_steps: int | None = None,
+                    clip_grad_norm: float | None = None,
                     on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train for one pass over ``split``; batch order and augmentation depend only on ``seed``.
     With ``hard`` (HARD), augmentor iterations take the batch in augmentor phases, and student
@@ -68,7 +69,8 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
     draws the same global batch and augmentation and trains on its own shard of it, so N
     processes with batch B take the steps one process takes with batch B. The teacher's terms are
     scaled by ``warmup_scale(first_step + i, warmup_steps)`` at the i-th iteration (logged scaled).
-    ``max_steps`` ends the pass early (the last, fractional epoch of QAT)."""
+    ``max_steps`` ends the pass early (the last, fractional epoch of QAT); ``clip_grad_norm`` clips
+    the global gradient norm of the trained parameters before each step."""
     distiller.train()
     gen = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # dropout
@@ -104,6 +106,8 @@ def train_one_epoch(distiller: Distiller, split: Split, optimizer: torch.optim.O
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad_norm)
         optimizer.step()
         scheduler.step()
         n = len(y)

@@ -260,6 +260,33 @@ def test_warmup_ramps_only_the_teacher_terms():
     assert row["loss_kd"] == pytest.approx(2.0)  # after the warm-up: full weight
 
 
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_clip_grad_norm_bounds_each_step(clip):
+    """train.clip_grad_norm: one plain SGD step (lr 1) on a loss whose gradient has norm 3,000
+    moves the weights by 3,000 unclipped, by exactly the clip norm clipped."""
+    import torch.nn as nn
+
+    from edgekd.data import TensorSplit
+    from edgekd.recipe import AugmentConfig
+    from edgekd.train import train_one_epoch
+
+    class Steep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x, y):
+            return torch.zeros(len(y), 10) + 0 * self.w.sum(), {"ce": 1000 * (self.w * torch.tensor([1., 2., 2.])).sum()}
+
+    d = Steep()
+    opt = torch.optim.SGD(d.parameters(), lr=1.0)
+    split = TensorSplit(torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    train_one_epoch(d, split, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), mean=torch.zeros(1),
+                    std=torch.ones(1), aug=AugmentConfig(crop_padding=0, hflip=False, rotation_deg=0, brightness=0),
+                    batch_size=10, device=torch.device("cpu"), seed=0, clip_grad_norm=clip)
+    assert float(d.w.detach().norm()) == pytest.approx(3000.0 if clip is None else clip, rel=1e-5)
+
+
 @pytest.mark.e2e
 def test_early_stopping_stops_when_validation_stalls(tmp_path, tiny_teacher):
     from edgekd.distill.stage import distill

@@ -76,6 +76,7 @@ def fit(ctx: RunContext, role: str, model: nn.Module, arch: str, model_kwargs: d
             step, ctx.data.train, opt, sched, mean=ctx.mean, std=ctx.std, aug=ctx.recipe.data.augment,
             batch_size=cfg.batch_size, device=ctx.device, seed=role_seed + epoch, hard=hard, world=ctx.world,
             first_step=epoch * steps, warmup_steps=warmup_steps, on_batch=ctx.progress.advance, max_steps=last_steps,
+            clip_grad_norm=cfg.clip_grad_norm,
         ))
         if not math.isfinite(row["loss"]):
             raise EdgekdError(f"{role}: the training loss became {row['loss']} in epoch {epoch + 1}; lower train.lr "
