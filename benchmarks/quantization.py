@@ -53,6 +53,31 @@ LOADED = "walls_under_load"  # {why, cells}: cells whose QAT wall was measured w
 # the converters' observers: onnx2tf calibrates in TFLite's converter (min-max ranges); litert-torch's
 # PT2E quantizer observes activations with histograms (its ranges minimise the quantisation error)
 HIST = "ptq-hist"
+# how the cells of one table were made, by its file name: what its figures depend on beyond the
+# command (run dirs made again, files gone, converter changes between its cells)
+NOTES = {
+    "quantization": [
+        "A run dir made again retrains its float student: the QAT and ptq-hist cells measured after bb1cab5 came "
+        "from run dirs made again, so on a seed whose retrained student scores otherwise they differ from the ptq "
+        "rows, and ptq-best compares files of one float student only. An empty p50: that row's files were no "
+        "longer on disk when it was timed (the onnx2tf ptq files of seeds 1 and 2 went with run dirs made again; "
+        "seed 0's run dirs are gone).",
+        "The ptq-hist files were written before bf93586, with a non-strict trace that left a residual CNN's adds "
+        "float32 (the rows name the float32 ops of the files still on disk); since, litert-torch's int8 file of a "
+        "CNN has its adds in int8, as the QAT files already had.",
+        "QAT rows of other than 1 epoch (the quick recipe's 0.5) fine-tune a copy of the same run's float student "
+        "where its run dir was kept (seeds 1, 2), and a float student trained again in a run dir of their own "
+        "where it was not (seed 0): that row's fp32 is then its own.",
+    ],
+    "quantization_clip": [
+        "The two timm MobileNetV3 families of quantization.md again, on the same recipe, teacher and seeds, with "
+        "one change: every float student and QAT step clips the global gradient norm to 1.0 "
+        "(`--set train.clip_grad_norm=1.0`). Without it, seed 0's float students trained unstably at the quick "
+        "recipe's SGD lr 0.1 and their QAT files missed the parity rule (quantization.md's timm MobileNetV3 "
+        "rows). All cells made in one run dir per family and seed, in one run with only light work beside it "
+        "(a 4-second test run, a report render); the files timed right after it, nothing else running.",
+    ],
+}
 ANCHORS = [  # published fp32 -> int8 figures (ImageNet top-1), kept beside the table
     ("torchvision QAT weights", "MobileNetV2", "71.88 → 71.66 (−0.22)"),
     ("torchvision QAT weights", "MobileNetV3-Large", "74.04 → 73.00 (−1.04)"),
@@ -274,25 +299,14 @@ def render(cells: Cells, command: str) -> str:
              "converter with min-max ranges, litert-torch's PT2E quantizer with histogram observers; ptq-best: the "
              "best of the three on validation images), and QAT fine-tuning of the same student against the "
              "same teacher. Drop: fp32 TFLite top-1 − int8 TFLite top-1 on the test set, points (mean ± sd over "
-             "seeds); each row's fp32 is its own float student's (a run dir made again retrains it: the QAT and "
-             "ptq-hist cells measured after bb1cab5 came from run dirs made again, so on a seed whose retrained "
-             "student scores otherwise they differ from the ptq rows, and ptq-best compares files of one float "
-             "student only). p50: median bare LiteRT `invoke()`, 1 thread, all files interleaved"
+             "seeds); each row's fp32 is its own float student's. p50: median bare LiteRT `invoke()`, 1 thread, "
+             "all files interleaved"
              + (f" (load average {t['load_1m_before']:.2f} before, {t['load_1m_after']:.2f} after)." if t else
-                " (not timed yet).") + " An empty p50: that row's files were no longer on disk when it was timed "
-             "(the onnx2tf ptq files of seeds 1 and 2 went with run dirs made again; seed 0's run dirs are gone).",
-             "",
-             "The ptq-hist files were written before bf93586, with a non-strict trace that left a residual CNN's "
-             "adds float32 (the rows name the float32 ops of the files still on disk); since, litert-torch's int8 file of a "
-             "CNN has its adds in int8, as the QAT files already had.",
-             "",
-             "QAT rows of other than 1 epoch (the quick recipe's 0.5) fine-tune a copy of the same run's float "
-             "student where its run dir was kept (seeds 1, 2), and a float student trained again in a run dir of "
-             "their own where it was not (seed 0): that row's fp32 is then its own. QAT wall: the QAT epochs' "
-             "wall time over the float student's epochs', from the run's log.csv"
+                " (not timed yet).") + " QAT wall: the QAT epochs' wall time over the float student's epochs', "
+             "from the run's log.csv"
              + (f"; left out where it was measured beside other jobs ({len(cells.data[LOADED]['cells'])} cells: "
                 f"{cells.data[LOADED]['why']})." if cells.data.get(LOADED) else "."),
-             "",
+             "", *(line for note in NOTES.get(cells.path.stem, []) for line in (note, "")),
              "| student | quantization | seeds | fp32 top-1 % | int8 top-1 % | drop, pt | p50 ms | QAT wall, "
              "% of the student's | converter / refused |", "|---|---|---|---|---|---|---|---|---|"]
     families = list(dict.fromkeys(r["family"] for r in rows))
