@@ -74,8 +74,9 @@ NOTES = {
         "one change: every float student and QAT step clips the global gradient norm to 1.0 "
         "(`--set train.clip_grad_norm=1.0`). Without it, seed 0's float students trained unstably at the quick "
         "recipe's SGD lr 0.1 and their QAT files missed the parity rule (quantization.md's timm MobileNetV3 "
-        "rows). All cells made in one run dir per family and seed, in one run with only light work beside it "
-        "(a 4-second test run, a report render); the files timed right after it, nothing else running.",
+        "rows). All cells made in one run dir per family and seed, in one run with only commands of a few seconds "
+        "beside it (a test file, a report render, a structure walk); the files timed right after it, nothing else "
+        "running.",
     ],
 }
 ANCHORS = [  # published fp32 -> int8 figures (ImageNet top-1), kept beside the table
