@@ -15,6 +15,7 @@ it into the converted graph litert-torch writes as a full-integer TFLite file at
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from edgekd.artifacts import QAT_ROLE
+from edgekd.errors import EdgekdError
 from edgekd.models.taps import FeatureTaps
 
 
@@ -73,7 +76,56 @@ def quantizer(qat: bool = True) -> Any:
         activation = plain(config.input_activation)
         config = dataclasses.replace(config, input_activation=activation, output_activation=activation,
                                      weight=plain(config.weight))
-    return PT2EQuantizer().set_global(config)
+    return _with_int8_hard_swish(PT2EQuantizer().set_global(config))
+
+
+def _with_int8_hard_swish(quantizer: Any) -> Any:
+    """``quantizer`` also annotating hard-swish (its input and output int8), which litert-torch's
+    quantizer leaves out: unannotated, a MobileNetV3's HARD_SWISH ops (and the squeeze-excite MEANs
+    that follow them) stay float32 in the int8 file; annotated, they become LiteRT's int8 kernels
+    (whose output-scale limit export's ``fit_hard_swish_scales`` keeps)."""
+    from litert_torch.quantize.pt2e_quantizer_utils import get_input_act_qspec, get_output_act_qspec
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    hard_swish = (torch.ops.aten.hardswish.default, torch.ops.aten.hardswish_.default)
+    annotate_the_rest = quantizer.annotate
+
+    def annotate(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        config = quantizer.global_config
+        for node in model.graph.nodes:
+            if node.op == "call_function" and node.target in hard_swish and isinstance(node.args[0], torch.fx.Node):
+                node.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map={node.args[0]: get_input_act_qspec(config)},
+                    output_qspec=get_output_act_qspec(config), _annotated=True)
+        return annotate_the_rest(model)  # the rest, and the MEANs after them share their ranges
+
+    quantizer.annotate = annotate
+    return quantizer
+
+
+class _HardSigmoidInInt8Ops(nn.Module):
+    """``nn.Hardsigmoid`` as ``relu6(x + 3) / 6``, the same function in ops the quantizer annotates
+    (an add, a clamp, a mul): LiteRT has no hard-sigmoid kernel, and litert-torch lowers an
+    ``aten.hardsigmoid`` to a float32 ADD and MUL even between int8 tensors (a MobileNetV3's
+    squeeze-excite gates: 9 of each in MobileNetV3-small)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+@contextlib.contextmanager
+def _hard_sigmoids_in_int8_ops(model: nn.Module) -> Any:
+    """``model`` with its ``nn.Hardsigmoid`` modules swapped for ``_HardSigmoidInInt8Ops`` while it
+    is exported (the float model is given back as it was)."""
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Hardsigmoid)]
+    for parent, name, _ in swapped:
+        setattr(parent, name, _HardSigmoidInInt8Ops())
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
 
 
 class _WithFeatures(nn.Module):
@@ -155,7 +207,15 @@ class QATStudent(nn.Module):
         return logits
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        result = super().load_state_dict(*args, **kwargs)
+        try:
+            result = super().load_state_dict(*args, **kwargs)
+        except RuntimeError as e:
+            if "Missing key" not in str(e) and "Unexpected key" not in str(e):
+                raise
+            # an older edgekd's QAT graph of this model (before hard-swish was int8): other fake-quants
+            raise EdgekdError("this QAT checkpoint holds another fake-quant graph than this edgekd builds for its "
+                              f"model (made by an older edgekd); delete the run's {QAT_ROLE}_*.pt and add QAT again "
+                              "(edgekd distill RECIPE --out DIR --resume)") from None
         self._sync(training_step=False)  # a resumed or finished run: as it was at that step
         return result
 
@@ -170,8 +230,9 @@ def prepare_qat(model: nn.Module, taps: list[str], sample: torch.Tensor, *, free
     _patch_torchao_patterns()
     model.train()
     batch = sample.expand(2, *sample.shape[1:]).contiguous()  # a dynamic batch needs an example > 1
-    exported = torch.export.export(_WithFeatures(model, taps), (batch,), strict=True,
-                                   dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},)).module()
+    with _hard_sigmoids_in_int8_ops(model):
+        exported = torch.export.export(_WithFeatures(model, taps), (batch,), strict=True,
+                                       dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},)).module()
     graph = prepare_qat_pt2e(exported, quantizer(qat=True))
     return QATStudent(graph, freeze_bn_step, freeze_observer_step)
 

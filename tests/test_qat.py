@@ -88,6 +88,57 @@ def test_qat_tiny_model_trains_converts_and_the_int8_file_agrees_with_its_fake_q
     np.testing.assert_array_equal(torch_logits(rebuilt.eval(), x), reference)
 
 
+class _TinyMobileNetV3(torch.nn.Module):
+    """The MobileNetV3 ops litert-torch's quantizer leaves float: hard-swish, the squeeze-excite
+    mean after it, and its hard-sigmoid gate."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.se = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 1), nn.Hardsigmoid())
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        x = self.dw(self.stem(x))
+        return self.head(x * self.se(x.mean((2, 3), keepdim=True)))
+
+
+@pytest.mark.e2e
+def test_a_mobilenetv3s_qat_file_is_full_integer_hard_swish_and_squeeze_excite_included(tmp_path):
+    from edgekd.export.score import tflite_io_details, tflite_runner, tied_top1_agreement, torch_logits
+    from edgekd.export.stage import QAT_LSB_TOLERANCE, QAT_MIN_AGREEMENT
+    from edgekd.qat import export_int8, prepare_qat
+
+    torch.manual_seed(0)
+    tx, ty, ex, _ = _tiny_data()
+    model = _TinyMobileNetV3()
+    _steps(model, tx, ty, 200, 0.05)
+    student = prepare_qat(model, [], ex[:1], freeze_bn_step=6, freeze_observer_step=9)
+    assert isinstance(model.se[3], torch.nn.Hardsigmoid)  # the float model is given back as it was
+    _steps(student, tx, ty, 12, 0.005)
+    x = ex.numpy()
+    reference = torch_logits(student.eval(), x)
+    path = tmp_path / "student_int8.tflite"
+    export_int8(student, ex[:1], path)
+    io = tflite_io_details(path)
+    # before: HARD_SWISH 3, MEAN 1 float32 (not annotated), ADD 1 and MUL 1 (the lowered hard-sigmoid)
+    assert io["float_ops"] == {}
+    got = tflite_runner(path)(x)
+    assert tied_top1_agreement(got, reference, QAT_LSB_TOLERANCE * io["output_quantization"]["scale"]) \
+        >= QAT_MIN_AGREEMENT
+
+    # A QAT checkpoint of another fake-quant graph (an older edgekd's, hard-swish float): one line.
+    from edgekd.errors import EdgekdError
+
+    state = student.state_dict()
+    state.pop(next(k for k in state if "activation_post_process" in k))
+    with pytest.raises(EdgekdError, match="older edgekd"):
+        student.load_state_dict(state)
+
+
 def _distill_cmd(recipe, out, *extra):
     return [sys.executable, "-m", "edgekd.cli", "distill", str(recipe), "--out", str(out), *extra]
 
