@@ -214,7 +214,7 @@ class QATStudent(nn.Module):
                 raise
             # an older edgekd's QAT graph of this model (before hard-swish was int8): other fake-quants
             raise EdgekdError("this QAT checkpoint holds another fake-quant graph than this edgekd builds for its "
-                              f"model (made by an older edgekd); delete the run's {QAT_ROLE}_*.pt and add QAT again "
+                              f"model (an older edgekd's, for one); delete the run's {QAT_ROLE}_*.pt and add QAT again "
                               "(edgekd distill RECIPE --out DIR --resume)") from None
         self._sync(training_step=False)  # a resumed or finished run: as it was at that step
         return result

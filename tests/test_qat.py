@@ -124,7 +124,7 @@ def test_a_mobilenetv3s_qat_file_is_full_integer_hard_swish_and_squeeze_excite_i
     path = tmp_path / "student_int8.tflite"
     export_int8(student, ex[:1], path)
     io = tflite_io_details(path)
-    # before: HARD_SWISH 3, MEAN 1 float32 (not annotated), ADD 1 and MUL 1 (the lowered hard-sigmoid)
+    # without edgekd's annotation and trace, HARD_SWISH, ADD and MUL (the lowered hard-sigmoid) stay float32
     assert io["float_ops"] == {}
     got = tflite_runner(path)(x)
     assert tied_top1_agreement(got, reference, QAT_LSB_TOLERANCE * io["output_quantization"]["scale"]) \
