@@ -82,10 +82,10 @@ NOTES = {
         "running.",
         "The QAT cells of the three MobileNetV3 families were made again after 62f6559, which makes their QAT "
         "files full-integer (hard-swish annotated int8, each hard-sigmoid traced as relu6(x + 3) / 6): from the "
-        "same float students (the run dirs' float copies), by the same command, timm MobileNetV3-small's beside "
-        "one 40-s test. ResNet-18's cells (new in this table), timm MobileNetV3-large's and torchvision "
-        "MobileNetV3-small's ran beside a CI run, a test file's run or int8 conversion experiments (their QAT walls "
-        "are left out); MobileViTv2's (new too) ran with nothing beside them. "
+        "same float students (the run dirs' float copies), by the same command. They, and ResNet-18's cells (new in "
+        "this table), ran beside other torch processes (timm MobileNetV3-small's beside one 40-s test; the others "
+        "beside a CI run, a test file's run or int8 conversion experiments): their QAT walls are left out. "
+        "MobileViTv2's cells (new too) ran with nothing beside them. "
         "The cells they replace kept HARD_SWISH, MEAN, ADD and MUL float32 and lost (mean ± sd) "
         "0.03 ± 0.31 (timm MobileNetV3-small), -0.05 ± 0.25 (timm MobileNetV3-large) and -0.25 ± 0.28 pt "
         "(torchvision MobileNetV3-small); quantization.md's QAT files of these families are of that kind.",
