@@ -68,6 +68,18 @@ NOTES = {
         "QAT rows of other than 1 epoch (the quick recipe's 0.5) fine-tune a copy of the same run's float student "
         "where its run dir was kept (seeds 1, 2), and a float student trained again in a run dir of their own "
         "where it was not (seed 0): that row's fp32 is then its own.",
+        "The 0.5-epoch QAT cells of the three MobileNetV3 families were made again after 62f6559, which makes "
+        "their QAT files full-integer (hard-swish annotated int8, each hard-sigmoid traced as relu6(x + 3) / 6), by "
+        "the last command above. Their run dirs were gone, so each trained its float student again in a run dir "
+        "of its own (that row's fp32 is its own), beside other jobs (their QAT walls are left out), and were not "
+        "timed (the clip table times such files: quantization_clip.md). Their 1-epoch "
+        "QAT rows are of the cells before: files that keep HARD_SWISH, MEAN, ADD and MUL float32.",
+        "A row names the float32 ops of the files its cells recorded or that are on disk. Cells made before "
+        "these 0.5-epoch MobileNetV3 ones recorded none, and their files went with their run dirs; last rendered "
+        "with them on disk (9473f9b), the ptq-hist files of every family kept ADDs float32 (timm's MobileNetV3s "
+        "also HARD_SWISH and MEAN, both MobileNetV3 kinds also MUL), the older MobileNetV3 QAT files kept ADD and "
+        "MUL (timm's also HARD_SWISH and MEAN), and MobileViTv2's files kept its activations, norms and "
+        "attention float32, as in quantization_clip.md.",
     ],
     "quantization_clip": [
         "The families of quantization.md again, on the same recipe, teacher and seeds, with one change: every "
@@ -141,7 +153,7 @@ def _int8_cell(run_dir: Path, keep: Path, calib: int, converter: str = "auto") -
     shutil.copyfile(run_dir / artifacts.EXPORT_DIR / artifacts.tflite_file("student", "int8"), keep)
     return {**cell, "int8_top1": int8["test_top1"], "int8_val_top1": int8.get("val_top1"),
             "converter": int8["converter"], "int8_bytes": int8["size_bytes"], "int8_file": str(keep),
-            "parity": int8.get("parity")}
+            "float_ops": int8["io"]["float_ops"], "parity": int8.get("parity")}
 
 
 def _family_seed(cells: Cells, base: Recipe, arch: str, seed: int, runs: Path, qat_epochs: float) -> None:
@@ -353,8 +365,8 @@ def render(cells: Cells, command: str) -> str:
                     f"{r['refused_file_agreement_ties']:.2f} %" for r in mine) + ")"
             conv = ", ".join(sorted({r["converter"] + (f" ({r['observer']})" if r.get("observer") else "")
                                      for r in ok}))
-            note = conv + _float_ops_note([cells.cells[f"{fam}|seed={r['seed']}|{r['cell']}"].get("int8_file")
-                                           for r in ok]) + (f"; {len(refused)} refused: {refused[0][:160]}" if refused else "")
+            note = conv + _float_ops_note([cells.cells[f"{fam}|seed={r['seed']}|{r['cell']}"] for r in ok]) + (
+                f"; {len(refused)} refused: {refused[0][:160]}" if refused else "")
             lines.append(f"| {fam} | {label} | {len(ok)} | {mean_std([r['fp32_top1'] for r in ok])} | "
                          f"{mean_std([r['int8_top1'] for r in ok])} | "
                          f"{mean_std([r['fp32_top1'] - r['int8_top1'] for r in ok])} | "
@@ -367,22 +379,31 @@ def render(cells: Cells, command: str) -> str:
 
 
 @functools.cache
-def _float_ops(path: str, mtime_ns: int) -> dict[str, int]:
+def _float_ops_of_file(path: str, mtime_ns: int) -> dict[str, int]:
     """A file's float32 ops, read once per version of the file (the table is rendered after every cell)."""
     from edgekd.export.score import tflite_io_details
 
     return tflite_io_details(Path(path))["float_ops"]
 
 
-def _float_ops_note(files: list[str | None]) -> str:
-    """The ops left float32 (between QUANTIZE/DEQUANTIZE) in the row's int8 files still on disk:
-    such a file scores as int8 but is not full-integer (export.json's io.float_ops)."""
-    found = [_float_ops(f, Path(f).stat().st_mtime_ns) for f in files if f and Path(f).is_file()]
+def float_ops(cell: dict[str, Any]) -> dict[str, int] | None:
+    """The ops a cell's int8 file leaves float32 (between QUANTIZE/DEQUANTIZE): as the cell recorded
+    them when it was made, else read from the file while it is on disk; None when neither."""
+    if "float_ops" in cell:
+        return cell["float_ops"]
+    path = cell.get("int8_file")
+    return _float_ops_of_file(path, Path(path).stat().st_mtime_ns) if path and Path(path).is_file() else None
+
+
+def _float_ops_note(row_cells: list[dict[str, Any]]) -> str:
+    """The ops left float32 in the row's int8 files: such a file scores as int8 but is not
+    full-integer (export.json's io.float_ops)."""
+    found = [ops for ops in map(float_ops, row_cells) if ops is not None]
     hybrid = [ops for ops in found if ops]
     if not hybrid:
         return ""
     ops = ", ".join(f"{name} {n}" for name, n in max(hybrid, key=lambda o: sum(o.values())).items())
-    return f"; not full-integer in {len(hybrid)} of {len(found)} files on disk, float32 ops: {ops}"
+    return f"; not full-integer in {len(hybrid)} of {len(found)} files read, float32 ops: {ops}"
 
 
 def _same_float_fp32(cells: Cells, prefix: str) -> float | None:

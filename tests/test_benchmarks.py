@@ -55,6 +55,29 @@ def test_paired_difference_and_t_interval_by_hand():
     assert paired_difference({0: 1.0}, {0: 0.0}) is None
 
 
+def test_each_family_s_recipe_is_read_against_the_quantization_table_that_trained_as_it(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quantization_recipes as qr
+
+    tables = {n: json.loads((REPO / "benchmarks" / f"{n}.json").read_text()) for n in qr.TABLES}
+    text, met = qr.render(tables)
+    assert text == (REPO / "benchmarks" / "quantization_recipes.md").read_text(), \
+        "benchmarks/quantization_recipes.md is stale: run python benchmarks/quantization_recipes.py"
+    row = next(line for line in text.splitlines() if line.startswith("| torchvision/shufflenet_v2_x0_5 |"))
+    values, refused = qr.drops(tables["quantization_clip"], "torchvision/shufflenet_v2_x0_5")
+    assert "| `fashion_mnist_shufflenet` | 1.0 |" in row and len(values) == 3 and not refused
+    assert f"{sum(values) / 3:.2f}" in row
+    assert met == all("| yes |" in line for line in text.splitlines() if line.startswith("| ") and "`" in line)
+
+    # a recipe that trains otherwise than the table measured stands for no table
+    quick = yaml.safe_load((REPO / "edgekd" / "recipes" / "fashion_mnist_quick.yaml").read_text())
+    quick["distill"]["warmup_epochs"] = 0.0
+    (tmp_path / "cold.yaml").write_text(yaml.safe_dump(quick))
+    monkeypatch.setitem(qr.FAMILY_RECIPES, "mobilenet_v2", (str(tmp_path / "cold.yaml"), None))
+    with pytest.raises(SystemExit, match=r"does not train as quantization\.json measured it: distill\.warmup_epochs"):
+        qr.render(tables)
+
+
 def test_two_processes_fill_one_table_without_losing_cells(tmp_path):
     """Two workers read the table, each finishes a different cell: both cells survive, and a cell
     one worker holds is refused to the other."""
