@@ -115,10 +115,7 @@ ANCHORS = [  # published fp32 -> int8 figures (ImageNet top-1), kept beside the 
 def _float(cells: Cells, key: str, base: Recipe, arch: str, seed: int, runs: Path) -> tuple[Recipe, Path] | None:
     """The float student of one family and seed (distilled, or resumed); None when it was refused."""
     for method in ("atkd", "kd"):  # AT-KD where the student has feature maps to match
-        recipe = base.model_copy(update={
-            "seed": seed, "student": base.student.model_copy(update={"arch": arch}),
-            "distill": base.distill.model_copy(update={"method": method})})
-        run_dir = runs / f"{arch.replace('/', '_')}_seed{seed}_{method}"
+        recipe, run_dir = student_run(base, arch, seed, method, runs)
         if key in cells.cells:
             if cells.cells[key].get("method") == method:
                 return recipe, run_dir
@@ -135,6 +132,13 @@ def _float(cells: Cells, key: str, base: Recipe, arch: str, seed: int, runs: Pat
                          ["test_top1"], "student_wall_s": time.perf_counter() - t0})
         return recipe, run_dir
     return None
+
+
+def student_run(base: Recipe, arch: str, seed: int, method: str, runs: Path) -> tuple[Recipe, Path]:
+    """The recipe and run dir of one family's float student."""
+    recipe = base.model_copy(update={"seed": seed, "student": base.student.model_copy(update={"arch": arch}),
+                                     "distill": base.distill.model_copy(update={"method": method})})
+    return recipe, runs / f"{arch.replace('/', '_')}_seed{seed}_{method}"
 
 
 def _int8_cell(run_dir: Path, keep: Path, calib: int, converter: str = "auto") -> dict[str, Any]:
@@ -199,34 +203,42 @@ def _qat_run_dir(run_dir: Path, qat_epochs: float) -> tuple[Path, str]:
         float_dir = _float_only(run_dir)
     if copy.is_dir() or not float_dir.is_dir():
         return copy, "same" if float_dir.is_dir() else "retrained"
+    copy_float_student(float_dir, copy)
+    return copy, "same"
+
+
+def copy_float_student(float_dir: Path, copy: Path) -> None:
+    """``float_dir``'s finished float student into the new run dir ``copy`` (atomically), recorded
+    as a float-only run, so that any QAT epochs may be added to it as to any finished float run."""
     tmp = copy.with_name(copy.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(float_dir, tmp, ignore=shutil.ignore_patterns(artifacts.EXPORT_DIR, "*.tflite"))
     for name in (artifacts.last_checkpoint("student"), artifacts.best_checkpoint("student")):
         # The float run was made with the 1-epoch QAT recipe (its float epochs do not depend on
-        # distill.qat: resume ignores it once QAT is added): recorded as a float-only run, so that
-        # other QAT epochs may be added to it as to any finished float run.
+        # distill.qat: resume ignores it once QAT is added)
         state = load_checkpoint(tmp / name)
         state["recipe"]["distill"]["qat"]["epochs"] = 0.0
         save_checkpoint(tmp / name, state)
     tmp.rename(copy)
-    return copy, "same"
 
 
 def _qat_cell(recipe: Recipe, run_dir: Path, qat_epochs: float) -> dict[str, Any]:
     """``qat_epochs`` of QAT added to the run (the float student trained first where the run dir is
     new), its int8 file exported from the fake-quant graph and scored."""
-    qat_recipe = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
-        "qat": recipe.distill.qat.model_copy(update={"epochs": qat_epochs})})})
     try:
-        qat = distill(qat_recipe, run_dir, resume=True).metrics["student"]["qat"]
+        qat = distill(with_qat(recipe, qat_epochs), run_dir, resume=True).metrics["student"]["qat"]
     except EdgekdError as e:
         return {"qat_epochs": qat_epochs, "int8_top1": None, "refused": str(e)}
     cell = _int8_cell(run_dir, run_dir / "qat.tflite", CALIBS[0])  # calib: unused by a QAT graph
     if cell["int8_top1"] is None and "fake-quant" in cell.get("refused", ""):
         cell |= _refused_qat_file(run_dir)
-    return {"qat_epochs": qat_epochs, "qat_wall_s": _epochs_wall(run_dir, artifacts.QAT_ROLE),
-            "student_epochs_wall_s": _epochs_wall(run_dir, "student"), "qat_pytorch_top1": qat["test_top1"], **cell}
+    return {"qat_epochs": qat_epochs, "qat_wall_s": epochs_wall(run_dir, artifacts.QAT_ROLE),
+            "student_epochs_wall_s": epochs_wall(run_dir, "student"), "qat_pytorch_top1": qat["test_top1"], **cell}
+
+
+def with_qat(recipe: Recipe, qat_epochs: float) -> Recipe:
+    return recipe.model_copy(update={"distill": recipe.distill.model_copy(update={
+        "qat": recipe.distill.qat.model_copy(update={"epochs": qat_epochs})})})
 
 
 def _float_only(run_dir: Path) -> Path:
@@ -242,7 +254,7 @@ def _float_only(run_dir: Path) -> Path:
     return copy
 
 
-def _epochs_wall(run_dir: Path, role: str) -> float:
+def epochs_wall(run_dir: Path, role: str) -> float:
     """Seconds of ``role``'s epochs in the run's log.csv: the same whether the run was resumed or not."""
     import csv
 
@@ -490,7 +502,7 @@ def _write(cells: Cells, out: Path, command: str) -> None:
     _plot(cells.data["table"], Path(f"{out}.png"))
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/fashion_mnist_quick.yaml")
     ap.add_argument("--teacher", default="benchmarks/methods_main_teacher.pt")
@@ -506,15 +518,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="recipe override, as in edgekd's commands (e.g. data.train_subset=400 for a smoke run)")
     ap.add_argument("--out", default="benchmarks/quantization")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def base_recipe(args: argparse.Namespace) -> Recipe:
+    """The float students' recipe (the QAT cells add their epochs to the same run): the main job's,
+    with the table's teacher and --set overrides."""
+    return load_recipe(args.recipe, {"teacher.checkpoint": args.teacher, "distill.qat.epochs": 0,
+                                     **_parse_sets(args.set)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     command = "python " + shlex.join(["benchmarks/quantization.py", *(argv if argv is not None else sys.argv[1:])])
     if not Path(args.teacher).is_file():
         raise SystemExit(f"no teacher at {args.teacher}: run `python benchmarks/methods.py --main` first, "
                          "or pass --teacher")
     out, runs = Path(args.out), Path(f"{args.out}_runs")
-    # the float student first (its PTQ cells); the QAT cell adds its own epochs to that run
-    base = load_recipe(args.recipe, {"teacher.checkpoint": args.teacher, "distill.qat.epochs": 0,
-                                     **_parse_sets(args.set)})
+    base = base_recipe(args)  # the float student first (its PTQ cells); the QAT cell adds its own epochs
     cells = Cells(Path(f"{out}.json"))
     families = args.families.split(",")
     seeds = [int(s) for s in args.seed_order.split(",")] if args.seed_order else list(range(args.seeds))

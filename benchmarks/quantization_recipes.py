@@ -2,14 +2,15 @@
 
 The two quantization tables train every family on the main job's recipe with one setting apart:
 ``quantization.json`` as ``fashion_mnist_quick`` trains (gradients unclipped) and
-``quantization_clip.json`` with ``--set train.clip_grad_norm=1.0``. Neither setting brings every
-family's QAT file within 0.3 pt of its float file, so the recipes differ by family: this table says,
-for each family, which shipped recipe a user picks it with, reads that recipe's setting, finds the
-table that trained with it, and gives the drop there beside the drop with the other setting.
+``quantization_clip.json`` with ``--set train.clip_grad_norm=1.0``. The families do not all do best
+with the same one, so the recipes differ by family: this table says, for each family, which shipped
+recipe a user picks it with, reads that recipe's setting, finds the table that trained with it, and
+gives the drop there beside the drop with the other setting.
 
-A recipe only stands for a table that trained what it trains: data, teacher epochs, student
-epochs, method and training settings are compared field by field (the table's own ``--set``s
-applied to its base recipe, read back from its ``commands``), and any difference stops the script.
+A recipe only stands for a table that trained what it trains: its data, teacher, student,
+distillation and training settings are compared field by field with the table's (its own ``--set``s
+applied to its base recipe, read back from its ``commands``; see UNCOMPARED for what is not), and
+any difference stops the script.
 
     python benchmarks/quantization_recipes.py        # benchmarks/quantization_recipes.md
 """

@@ -3,6 +3,7 @@
 import pytest
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -263,6 +264,18 @@ def test_quantization_table_scores_ptq_and_qat_and_resumes(tmp_path, tiny_teache
     r = subprocess.run(cmd + ["--no-timing"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "quant.json").read_text())["cells"] == json.loads(before)["cells"]  # nothing redone
+
+    # the QAT wall measured again on a copy of the table's float student; the table is left as it was
+    table_before, runs_before = (tmp_path / "quant.json").read_text(), sorted(p.name for p in (tmp_path / "quant_runs").iterdir())
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "qat_wall.py"), "--table", str(out), "--families",
+                        "mobilenet_v2"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wall = re.search(r"mobilenet_v2 seed 0: 0\.5 QAT epoch\(s\) ([\d.]+) s, float epochs ([\d.]+) s: QAT ([\d.]+) %",
+                     r.stdout)
+    assert wall and float(wall[1]) > 0 and float(wall[3]) == pytest.approx(100 * float(wall[1]) / float(wall[2]), rel=0.05)
+    assert float(wall[2]) == pytest.approx(cell["student_epochs_wall_s"], abs=0.01)  # the table's own float epochs
+    assert (tmp_path / "quant.json").read_text() == table_before
+    assert sorted(p.name for p in (tmp_path / "quant_runs").iterdir()) == runs_before
 
     # op by op, the QAT file against the graph it was trained as
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "qat_drift.py"), str(tmp_path / "quant_runs" / "mobilenet_v2_seed0_atkd_qat0.5"),
