@@ -15,24 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantization import (DEFAULT_QAT_EPOCHS, base_recipe, copy_float_student, epochs_wall,  # noqa: E402
-                          parser, student_run, with_qat)
+from quantization import (DEFAULT_QAT_EPOCHS, base_recipe, command_args, copy_float_student,  # noqa: E402
+                          epochs_wall, student_run, with_qat)
 
 from edgekd import artifacts  # noqa: E402
 from edgekd.distill.stage import distill  # noqa: E402
-
-
-def table_args(table: Path) -> argparse.Namespace:
-    """The arguments of the table's first command, as quantization.py parsed them."""
-    command = shlex.split(json.loads(Path(f"{table}.json").read_text())["commands"][0])
-    return parser().parse_args(command[command.index("benchmarks/quantization.py") + 1:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,9 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--qat-epochs", type=float, default=None, help="default: the table's --qat-epochs")
     args = ap.parse_args(argv)
-    table = table_args(Path(args.table))
+    data = json.loads(Path(f"{args.table}.json").read_text())
+    table = command_args(data["commands"][0])  # its recipe, teacher and --sets
     qat_epochs = args.qat_epochs or table.qat_epochs or DEFAULT_QAT_EPOCHS
-    cells = json.loads(Path(f"{args.table}.json").read_text())["cells"]
+    cells = data["cells"]
     runs = Path(f"{args.table}_runs")
     for arch in args.families.split(","):
         method = cells.get(f"{arch}|seed={args.seed}|float", {}).get("method")

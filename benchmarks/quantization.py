@@ -521,6 +521,12 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def command_args(command: str) -> argparse.Namespace:
+    """The arguments of one of a table's recorded ``commands``, as this script parsed them."""
+    argv = shlex.split(command)
+    return parser().parse_args(argv[argv.index("benchmarks/quantization.py") + 1:])
+
+
 def base_recipe(args: argparse.Namespace) -> Recipe:
     """The float students' recipe (the QAT cells add their epochs to the same run): the main job's,
     with the table's teacher and --set overrides."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cells import mean_std  # noqa: E402
-from quantization import ORDER, qat_cell_name  # noqa: E402
+from quantization import ORDER, command_args, qat_cell_name  # noqa: E402
 
 from edgekd.checkpoint import write_text  # noqa: E402
 from edgekd.cli import _parse_sets  # noqa: E402  (the commands' own --set parser)
@@ -65,10 +64,7 @@ def family_recipe(family: str) -> tuple[str, Recipe]:
 
 def table_sets(data: dict[str, Any]) -> dict[str, Any]:
     """The ``--set``s every command of a table ran with (they must agree: one table, one setting)."""
-    found = []
-    for command in data["commands"]:
-        argv = shlex.split(command)
-        found.append(_parse_sets([argv[i + 1] for i, a in enumerate(argv) if a == "--set"]))
+    found = [_parse_sets(command_args(command).set) for command in data["commands"]]
     if any(f != found[0] for f in found):
         raise SystemExit(f"the table's commands ran with different --set values: {found}")
     return found[0]
