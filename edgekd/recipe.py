@@ -341,7 +341,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         where = f" at line {mark.line + 1}" if mark else ""
         raise EdgekdError(f"recipe {path}: not valid YAML{where}; fix the syntax") from None
     if not isinstance(data, dict):
-        raise EdgekdError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
+        raise EdgekdError(f"recipe {path}: expected a mapping of sections (data:, teacher:, student:, ...), got "
+                          f"{type(data).__name__}; start from a shipped recipe (edgekd recipes)")
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_dotted(data, dotted, value)

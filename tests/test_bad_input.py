@@ -100,7 +100,7 @@ def _(c):
 @case("recipe: not a mapping")
 def _(c):
     (c.tmp / "r.yaml").write_text("- just\n- a list\n")
-    return c.distill(recipe=c.tmp / "r.yaml"), "expected a mapping"
+    return c.distill(recipe=c.tmp / "r.yaml"), "start from a shipped recipe (edgekd recipes)"
 
 
 @case("recipe: unknown method")
@@ -387,6 +387,20 @@ def test_bad_input_is_one_line_exit_2(name, tmp_path, request):
 
 def _cmd(*args: object) -> list[str]:
     return [sys.executable, "-m", "edgekd", *map(str, args)]
+
+
+@pytest.mark.parametrize("weights", ["missing", "another arch"])
+def test_bad_student_weights_stop_the_run_before_the_teacher_trains(tmp_path, weights):
+    """student.weights is loaded when the student is built, after the teacher's epochs: a typo
+    or a file of another model must stop the run before those epochs are spent."""
+    path = tmp_path / "student.pt"
+    if weights == "another arch":
+        torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, path)
+    recipe = write_recipe(tmp_path / "r.yaml", teacher={"epochs": 2}, student={"weights": str(path)})
+    r = CliRunner().invoke(app, ["distill", str(recipe), "--out", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    line = one_line_error(r)
+    assert f"weights {path}" in line, line
+    assert not list((tmp_path / "run").glob("teacher_*.pt")), "the teacher trained before the student's weights were read"
 
 
 @pytest.mark.e2e

@@ -23,7 +23,7 @@ from edgekd.distill.context import Progress, check_run_dir, model_meta, open_run
 from edgekd.distill.fit import fit
 from edgekd.distill.metrics import run_metrics
 from edgekd.distill.qat import check_qat_imports, qat_finetune
-from edgekd.distill.student import hard_training, new_student, stage_pairs
+from edgekd.distill.student import check_student_weights, hard_training, new_student, stage_pairs
 from edgekd.distill.teacher import build_teacher
 from edgekd.distiller import Distiller
 from edgekd.distributed import barrier
@@ -83,6 +83,8 @@ def distill(recipe: Recipe, out_dir: str | Path, *, resume: bool = False,
     if recipe.distill.qat.epochs and ctx.world.size > 1:  # before the float epochs, not after them
         raise EdgekdError("distill.qat runs in one process: distil under torchrun with --qat-epochs 0, then add "
                           "QAT in one process (edgekd distill RECIPE --out DIR --resume)")
+    if recipe.student.weights:
+        check_student_weights(recipe, ctx.data)  # before the teacher's epochs, not after them
     teacher, t_hist, t_source = build_teacher(ctx, method.needs_teacher)
     student = new_student(recipe, ctx.data, ctx.device, ctx.weights_loaded)
     pairs = stage_pairs(recipe, method, teacher, student, ctx.data)

@@ -33,6 +33,13 @@ def new_student(recipe: Recipe, data: DataBundle, device: torch.device,
     return model.to(device)
 
 
+def check_student_weights(recipe: Recipe, data: DataBundle) -> None:
+    """Load ``student.weights`` into a throwaway student, leaving the global RNG as it was: a
+    missing, corrupt or mismatched file stops the run before the teacher's epochs, not after them."""
+    with torch.random.fork_rng(devices=[]):
+        new_student(recipe, data, torch.device("cpu"))
+
+
 def stage_pairs(recipe: Recipe, method: Any, teacher: nn.Module | None, student: nn.Module,
                 data: DataBundle) -> list[Any]:
     """Teacher stage -> student stage pairs by spatial size, for the feature terms (and the
