@@ -18,7 +18,7 @@ from edgekd.distill.context import Progress
 from edgekd.distill.resume import resume_difference
 from edgekd.distill.stage import distill
 from edgekd.errors import EdgekdError
-from edgekd.export import export, resolve_converter
+from edgekd.export import check_imports, export, resolve_converter
 from edgekd.gate import GateResult, gate
 from edgekd.recipe import BenchConfig, ExportConfig, GateConfig, Recipe, recipe_from_dict
 
@@ -41,8 +41,12 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     """Run every stage of ``recipe`` into ``out_dir``; ``hosts`` overrides the recipe's bench hosts."""
     run_dir = Path(out_dir)
     stages: dict[str, str] = {}
+    e = recipe.export
+    # a run not yet exported needs the converter: a missing one stops it now, not after distilling
+    if not (run_dir / artifacts.EXPORT_DIR / artifacts.EXPORT_REPORT).is_file():
+        check_imports(tuple(e.formats), e.int8, resolve_converter(e.converter, recipe.student.arch))
     metrics, stages["distill"] = ensure_distilled(recipe, run_dir, progress)
-    export_report, stages["export"] = ensure_exported(recipe.export, run_dir, recipe.student.arch)
+    export_report, stages["export"] = ensure_exported(e, run_dir, recipe.student.arch)
     drop = export_report.get("int8_drop_top1")
     exceeded = drop is not None and drop > recipe.export.max_int8_drop
     bench_report = _bench(recipe.bench, run_dir / artifacts.EXPORT_DIR, hosts, ssh, stages)

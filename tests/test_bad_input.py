@@ -403,6 +403,17 @@ def test_bad_student_weights_stop_the_run_before_the_teacher_trains(tmp_path, we
     assert not list((tmp_path / "run").glob("teacher_*.pt")), "the teacher trained before the student's weights were read"
 
 
+def test_run_without_the_converter_stops_before_it_distils(tmp_path, monkeypatch):
+    """edgekd run needs LiteRT for the int8 file; without it the run must stop before the
+    distillation it could not export, not after. (None in sys.modules: find_spec finds no such package.)"""
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    recipe = write_recipe(tmp_path / "r.yaml")
+    r = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "run")], env={"COLUMNS": "200"})
+    line = one_line_error(r)
+    assert "export needs the 'ai_edge_litert' package" in line, line
+    assert not list((tmp_path / "run").glob("*.pt")), "it distilled before finding it could not export"
+
+
 @pytest.mark.e2e
 def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
     """RLIMIT_FSIZE makes every write past 150 kB fail with EFBIG, as a full disk fails with ENOSPC."""

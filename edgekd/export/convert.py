@@ -271,9 +271,12 @@ def check_loads(path: Path, name: str) -> None:
         raise EdgekdError(f"the converter wrote {name}, and LiteRT cannot load it: {first}") from None
 
 
-def check_imports(formats: tuple[str, ...], tflite: bool, converter: str) -> None:
+def check_imports(formats: tuple[str, ...], int8: bool, converter: str) -> None:
+    """Every package that exporting ``formats`` (and int8) with ``converter`` (resolved) needs is
+    installed: checked before the export, and by ``edgekd run`` before it distils."""
     import importlib.util
 
+    tflite = int8 or any(f in artifacts.TFLITE_VARIANTS for f in formats)
     needed = list(("onnx", "onnxruntime") if "onnx" in formats or converter == "onnx2tf" else ())
     if tflite:
         needed += ["ai_edge_litert"] + (["litert_torch", "ai_edge_quantizer"] if converter == "litert-torch"

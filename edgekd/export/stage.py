@@ -163,7 +163,7 @@ def _plan(run_dir: Path, formats: tuple[str, ...], int8: bool, calib: int, conve
     variants += ["int8"] if int8 else []
     student = load_checkpoint(student_path)
     resolved = resolve_converter(converter, student["arch"])
-    check_imports(formats, bool(variants), resolved)
+    check_imports(formats, int8, resolved)
     jobs = [_Job("student", student, student_path, None, variants)]
     teacher_path = run_dir / artifacts.best_checkpoint("teacher")
     if teacher_path.is_file():  # the reference the bench compares the student against
