@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd import artifacts
-from edgekd.bench import SSHOptions, bench
+from edgekd.bench import SSHOptions, bench, check_reachable
 from edgekd.distill.context import Progress
 from edgekd.distill.resume import resume_difference
 from edgekd.distill.stage import distill
@@ -41,15 +41,20 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     """Run every stage of ``recipe`` into ``out_dir``; ``hosts`` overrides the recipe's bench hosts."""
     run_dir = Path(out_dir)
     stages: dict[str, str] = {}
-    e = recipe.export
-    # a run not yet exported needs the converter: a missing one stops it now, not after distilling
+    e, b = recipe.export, recipe.bench
+    device, hosts = _bench_target(b, hosts)
+    ssh = ssh or SSHOptions(port=b.port)
+    # what would stop a later stage stops the run now, not after its distillation: a missing
+    # converter (for a run not yet exported), a host that does not answer (for one not yet benched)
     if not (run_dir / artifacts.EXPORT_DIR / artifacts.EXPORT_REPORT).is_file():
         check_imports(tuple(e.formats), e.int8, resolve_converter(e.converter, recipe.student.arch))
+    if artifacts.current_bench(run_dir / artifacts.EXPORT_DIR, set(hosts) or {"local"}) is None:
+        check_reachable(device, hosts, b.runs, b.samples, b.warmup, ssh)
     metrics, stages["distill"] = ensure_distilled(recipe, run_dir, progress)
     export_report, stages["export"] = ensure_exported(e, run_dir, recipe.student.arch)
     drop = export_report.get("int8_drop_top1")
     exceeded = drop is not None and drop > recipe.export.max_int8_drop
-    bench_report = _bench(recipe.bench, run_dir / artifacts.EXPORT_DIR, hosts, ssh, stages)
+    bench_report = _bench(b, run_dir / artifacts.EXPORT_DIR, device, hosts, ssh, stages)
     thresholds = recipe.gate.model_copy(update={k: v for k, v in (gate_overrides or GateConfig()).model_dump().items()
                                                 if v is not None})
     gate_result = None
@@ -91,17 +96,21 @@ def ensure_exported(e: ExportConfig, run_dir: Path, student_arch: str, *,
                   converter=e.converter, samples=e.samples, val=val).report, "ran"
 
 
-def _bench(b: BenchConfig, export_dir: Path, hosts: tuple[str, ...], ssh: SSHOptions | None,
-           stages: dict[str, str]) -> dict[str, Any]:
-    """bench.json: the current one when it is newer than export.json and every host finished."""
+def _bench_target(b: BenchConfig, hosts: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The device profile and hosts a run benches on: ``hosts`` (the CLI's) else the recipe's; hosts
+    with a local device bench as generic-arm64, no hosts bench here."""
     hosts = hosts or tuple(b.hosts)
     device = b.device if hosts or b.device == "local" else "local"
-    if hosts and device == "local":
-        device = "generic-arm64"
+    return ("generic-arm64" if hosts and device == "local" else device), hosts
+
+
+def _bench(b: BenchConfig, export_dir: Path, device: str, hosts: tuple[str, ...], ssh: SSHOptions,
+           stages: dict[str, str]) -> dict[str, Any]:
+    """bench.json: the current one when it is newer than export.json and every host finished."""
     report = artifacts.current_bench(export_dir, set(hosts) or {"local"})
     if report is not None:
         stages["bench"] = "skipped (bench.json is newer than export.json)"
         return report
     stages["bench"] = f"ran on {', '.join(hosts) or 'local'}"
-    return bench(export_dir, device, hosts, ssh=ssh or SSHOptions(port=b.port), python=b.python, threads=b.threads,
+    return bench(export_dir, device, hosts, ssh=ssh, python=b.python, threads=b.threads,
                  runs=b.runs, warmup=b.warmup, samples=b.samples, timeout=b.timeout).report

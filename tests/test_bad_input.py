@@ -414,6 +414,17 @@ def test_run_without_the_converter_stops_before_it_distils(tmp_path, monkeypatch
     assert not list((tmp_path / "run").glob("*.pt")), "it distilled before finding it could not export"
 
 
+def test_run_to_a_host_that_does_not_answer_stops_before_it_distils(tmp_path):
+    """A real ssh to a closed loopback port: edgekd run names the host's problem before it distils."""
+    port = _free_port()  # nothing listens on it
+    recipe = write_recipe(tmp_path / "r.yaml")
+    r = CliRunner().invoke(app, ["run", str(recipe), "--out", str(tmp_path / "run"), "--host", "pi@127.0.0.1",
+                                 "--port", str(port)], env={"COLUMNS": "200"})
+    line = one_line_error(r)
+    assert "pi@127.0.0.1: connecting failed" in line and f"connection refused on port {port}" in line, line
+    assert not list((tmp_path / "run").glob("*.pt")), "it distilled before finding the host would not answer"
+
+
 @pytest.mark.e2e
 def test_disk_full_on_the_run_dir_is_one_line(tmp_path):
     """RLIMIT_FSIZE makes every write past 150 kB fail with EFBIG, as a full disk fails with ENOSPC."""

@@ -5,7 +5,7 @@ selection (``tome``) and the reports (``report``)."""
 from edgekd.bench.profiles import PROFILES, DeviceProfile
 from edgekd.bench.report import board_name, ok_hosts, render_markdown
 from edgekd.bench.ssh import SSHOptions, Target
-from edgekd.bench.stage import BenchResult, bench
+from edgekd.bench.stage import BenchResult, bench, check_reachable
 
-__all__ = ["PROFILES", "BenchResult", "DeviceProfile", "SSHOptions", "Target", "bench", "board_name", "ok_hosts",
-           "render_markdown"]
+__all__ = ["PROFILES", "BenchResult", "DeviceProfile", "SSHOptions", "Target", "bench", "board_name",
+           "check_reachable", "ok_hosts", "render_markdown"]

@@ -85,6 +85,16 @@ def check_target(device: str, hosts: tuple[str, ...], runs: int, samples: int, w
     return profile
 
 
+def check_reachable(device: str, hosts: tuple[str, ...], runs: int, samples: int, warmup: int,
+                    ssh: SSHOptions | None) -> None:
+    """The bench's flags are valid and every host answers over SSH: ``edgekd run`` asks before it
+    distils, so a mistyped host, a refused key or a board that is off costs seconds, not a run."""
+    if check_target(device, hosts, runs, samples, warmup, ssh).remote:
+        for h in hosts:
+            target = Target(h, ssh or SSHOptions())
+            target.check(target.run(["true"], timeout=target.ssh.connect_timeout + 20), "connecting")
+
+
 def _models_present(export_dir: Path, models: tuple[str, ...], tome_sweep: tuple[int, ...],
                     auto_files: tuple[str, ...]) -> tuple[str, ...]:
     """The model files to time that the export dir holds (the ToMe ones added), at least one student."""

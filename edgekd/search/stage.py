@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgekd import __version__
-from edgekd.bench.stage import check_target
+from edgekd.bench import SSHOptions
+from edgekd.bench.stage import check_reachable
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe
 from edgekd.search.budget import format_budget
@@ -71,7 +72,8 @@ def search(recipe: Recipe, out_dir: str | Path, *, budget: dict[str, float], tar
     ``trial_dir``: where trial runs live (default ``DIR/trials``; one config's run is reused)."""
     check_space(recipe)
     b = target.bench
-    check_target(target.device, target.hosts, b.runs, b.samples, b.warmup, target.ssh)  # before anything trains
+    check_reachable(target.device, target.hosts, b.runs, b.samples, b.warmup,  # before anything trains
+                    target.ssh or SSHOptions(port=b.port))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise EdgekdError(f"--out {out} is a file, not a folder; choose another --out")
