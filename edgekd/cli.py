@@ -30,6 +30,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log what t
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False)])
+    if not verbose:  # torchao's deprecation notice on torch 2.14, which a user cannot act on
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def _fail(e: Exception, code: int = 2) -> typer.Exit:
