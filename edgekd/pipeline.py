@@ -53,7 +53,7 @@ def run(recipe: Recipe, out_dir: str | Path, *, hosts: tuple[str, ...] = (), ssh
     metrics, stages["distill"] = ensure_distilled(recipe, run_dir, progress)
     export_report, stages["export"] = ensure_exported(e, run_dir, recipe.student.arch)
     drop = export_report.get("int8_drop_top1")
-    exceeded = drop is not None and drop > recipe.export.max_int8_drop
+    exceeded = drop is not None and drop > e.max_int8_drop
     bench_report = _bench(b, run_dir / artifacts.EXPORT_DIR, device, hosts, ssh, stages)
     thresholds = recipe.gate.model_copy(update={k: v for k, v in (gate_overrides or GateConfig()).model_dump().items()
                                                 if v is not None})

@@ -92,7 +92,10 @@ def check_reachable(device: str, hosts: tuple[str, ...], runs: int, samples: int
     if check_target(device, hosts, runs, samples, warmup, ssh).remote:
         for h in hosts:
             target = Target(h, ssh or SSHOptions())
-            target.check(target.run(["true"], timeout=target.ssh.connect_timeout + 20), "connecting")
+            proc = target.run(["true"], timeout=target.ssh.connect_timeout + 20)
+            if proc.returncode != 0:
+                raise EdgekdError(f"{h}: connecting failed: {target.explain(proc)} (checked before training; to "
+                                  "train without the board: edgekd distill, then edgekd export)")
 
 
 def _models_present(export_dir: Path, models: tuple[str, ...], tome_sweep: tuple[int, ...],

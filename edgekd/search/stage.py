@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgekd import __version__
-from edgekd.bench import SSHOptions
-from edgekd.bench.stage import check_reachable
+from edgekd.bench import SSHOptions, check_reachable
 from edgekd.errors import EdgekdError
 from edgekd.recipe import Recipe
 from edgekd.search.budget import format_budget
